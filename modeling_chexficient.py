@@ -1,0 +1,423 @@
+"""CheXficient: a chest X-ray CLIP of a DINOv2 image tower and a BERT text tower (Wang et al., arXiv 2602.22843).
+
+The towers are transformers' own `Dinov2Model` and `BertModel`; this file adds the linear projections, the learnable
+temperature, the curation prototypes, the contrastive loss and the zero-shot protocol of the released model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertModel, Dinov2Model, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput, logging
+
+
+try:
+    from transformers import initialization as init
+except ImportError:  # transformers < 5 has no flag-aware init helpers
+    init = nn.init
+
+try:
+    from .configuration_chexficient import CheXficientConfig
+except ImportError:  # imported as a top-level module from a checkout
+    from configuration_chexficient import CheXficientConfig
+
+
+logger = logging.get_logger(__name__)
+
+NO_FINDING_LABELS = frozenset({"no finding", "no findings", "normal"})
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of `logits` [N, N] against its diagonal partner."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a [N, N] text-image similarity matrix whose matching pairs lie on the diagonal."""
+    return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
+
+
+def zero_shot_prompts(label: str) -> tuple[str, str]:
+    """The released model's (positive, negative) prompt pair for one finding: "{label}" and "no {label}".
+
+    "No Finding" has no sensible negation, so its negative prompt is "there is Finding", as in the reference code.
+    """
+    if label.strip().lower() in NO_FINDING_LABELS:
+        return label, "there is Finding"
+    return label, f"no {label}"
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state of the last non-padding token of each sequence ([SEP] for BERT).
+
+    `hidden_states` [B, L, H], `attention_mask` [B, L] -> [B, H]. Equals indexing at `attention_mask.sum(-1) - 1`
+    for right padding, and stays right for left padding too.
+    """
+    batch_size, seq_len = hidden_states.shape[:2]
+    if attention_mask is None:
+        index = torch.full((batch_size,), seq_len - 1, device=hidden_states.device, dtype=torch.long)
+    else:
+        positions = torch.arange(seq_len, device=hidden_states.device)
+        index = (attention_mask.to(torch.long) * positions).argmax(dim=-1)  # [B]
+    return hidden_states[torch.arange(batch_size, device=hidden_states.device), index]
+
+
+@dataclass
+class CheXficientOutput(ModelOutput):
+    """
+    Output of [`CheXficientModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss` is `True`):
+            Symmetric InfoNCE loss, with the temperature scale clamped at 100 as in CLIP.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities, `exp(logit_scale) * image_embeds @ text_embeds.T`.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised image embeddings.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised text embeddings.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            Output of the `Dinov2Model` image tower.
+        text_model_output (`BaseModelOutputWithPooling`):
+            Output of the `BertModel` text tower.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("vision_model_output", "text_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+@dataclass
+class CheXficientVisionOutput(ModelOutput):
+    """
+    Output of [`CheXficientVisionModel`].
+
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised projected image embeddings (the CLIP space).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
+            Final-LayerNorm hidden states of the image tower (CLS first).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            The CLS token after the final LayerNorm.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Per-layer hidden states, returned with `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Per-layer attention maps, returned with `output_attentions=True` (eager attention only).
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CheXficientPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading glue shared by the CheXficient models."""
+
+    config_class = CheXficientConfig
+    base_model_prefix = "chexficient"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["Dinov2Layer", "BertLayer", "Dinov2Embeddings", "BertEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise CheXficient's own modules; the towers initialise themselves as transformers sub-models."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, CheXficientModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.zeros_(module.prototypes)
+
+
+class CheXficientModel(CheXficientPreTrainedModel):
+    """The CheXficient CLIP model: image and text towers, projections, temperature and curation prototypes."""
+
+    def __init__(self, config: CheXficientConfig):
+        super().__init__(config)
+        self.vision_model = Dinov2Model(config.vision_config)
+        self.text_model = BertModel(config.text_config, add_pooling_layer=False)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=True)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=True)
+        # 1-d (not 0-d) so that DeepSpeed ZeRO can partition it across processes.
+        self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init_value))
+        # Prototypes live in the space of the L2-normalised [image ; text] concatenation. Curation updates them by
+        # k-means and EMA, never by gradient, so they are a buffer; zeros until a curator initialises them.
+        self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.prototype_dim), persistent=True)
+        self._zero_shot_cache: dict[tuple, torch.Tensor] = {}
+        self.post_init()
+
+    def train(self, mode: bool = True) -> CheXficientModel:
+        self.clear_zero_shot_cache()  # cached text embeddings go stale once weights move
+        return super().train(mode)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W]."""
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # [B, hidden]: CLS after final LN
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.FloatTensor:
+        """L2-normalised text embeddings [B, projection_dim], pooled at the last non-padding token ([SEP])."""
+        hidden = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # [B, L, hidden]
+        return F.normalize(self.text_projection(last_token_pool(hidden, attention_mask)), dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CheXficientOutput | tuple:
+        """Embed a batch of images and reports and score every image against every report.
+
+        The loss (with `return_loss=True`) is the single-process symmetric InfoNCE; distributed training gathers
+        embeddings across processes in `train/loss.py` instead.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("CheXficientModel.forward needs both `input_ids` and `pixel_values`.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
+
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+            **tower_kwargs,
+        )
+        image_embeds = F.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1)  # [B, D]
+        text_embeds = F.normalize(
+            self.text_projection(last_token_pool(text_outputs.last_hidden_state, attention_mask)), dim=-1
+        )  # [B, D]
+
+        cosine = text_embeds @ image_embeds.t()  # [B_text, B_image]
+        logits_per_text = cosine * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+
+        loss = None
+        if return_loss:
+            scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's clamp, for training only
+            loss = clip_loss(cosine * scale)
+
+        if not return_dict:
+            output = (logits_per_image, logits_per_text, image_embeds, text_embeds, vision_outputs, text_outputs)
+            return ((loss,) + output) if loss is not None else output
+        return CheXficientOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            vision_model_output=vision_outputs,
+            text_model_output=text_outputs,
+        )
+
+    # ----- zero-shot classification (the paper's protocol) -------------------------------------------------------
+
+    def clear_zero_shot_cache(self) -> None:
+        """Forget cached prompt embeddings (done automatically on `train()`/`eval()`)."""
+        self._zero_shot_cache.clear()
+
+    @torch.no_grad()
+    def get_zero_shot_text_embeds(
+        self, labels: Sequence[str], tokenizer: Callable[..., Any], max_length: int = 256
+    ) -> torch.FloatTensor:
+        """Embeddings [C, 2, projection_dim] of the ("{label}", "no {label}") prompts, cached per label set."""
+        labels = tuple(labels)
+        if not labels:
+            raise ValueError("zero-shot classification needs at least one label.")
+        key = (labels, id(tokenizer), max_length, self.device, self.dtype)
+        cached = self._zero_shot_cache.get(key)
+        if cached is not None:
+            return cached
+        prompts = [prompt for label in labels for prompt in zero_shot_prompts(label)]  # [pos0, neg0, pos1, ...]
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        tokens = {
+            k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        embeds = self.get_text_features(**tokens).view(len(labels), 2, -1)
+        self._zero_shot_cache[key] = embeds
+        return embeds
+
+    @torch.no_grad()
+    def zero_shot_classify(
+        self,
+        labels: Sequence[str],
+        tokenizer: Callable[..., Any],
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+    ) -> torch.FloatTensor:
+        """Probability [B, C] that each finding is present, as the released model scores it.
+
+        For each label the image is compared with "{label}" and "no {label}"; a softmax over the two raw cosine
+        similarities (no temperature) gives the probability of the positive prompt.
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of `pixel_values` or `image_embeds`.")
+        if image_embeds is None:
+            image_embeds = self.get_image_features(pixel_values)
+        text_embeds = self.get_zero_shot_text_embeds(labels, tokenizer)  # [C, 2, D]
+        cosine = torch.einsum("bd,ckd->bck", image_embeds.to(text_embeds.dtype), text_embeds)  # [B, C, 2]
+        return cosine.float().softmax(dim=-1)[..., 0]
+
+
+class CheXficientVisionModel(CheXficientPreTrainedModel):
+    """The image encoder and its projection alone: for embedding services and LLaVA-Rad.
+
+    Loads from a full CheXficient checkpoint; the text tower's weights are left out.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale", r"^prototypes"]
+
+    def __init__(self, config: CheXficientConfig):
+        super().__init__(config)
+        self.vision_model = Dinov2Model(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=True)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CheXficientVisionOutput | tuple:
+        """Embed images: `pixel_values` [B, 3, H, W] -> normalised `image_embeds` [B, projection_dim] and states."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        outputs = self.vision_model(
+            pixel_values=pixel_values, return_dict=True, **{k: v for k, v in tower_kwargs.items() if v is not None}
+        )
+        image_embeds = F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)
+        result = CheXficientVisionOutput(
+            image_embeds=image_embeds,
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=outputs.pooler_output,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+class CheXficientForImageClassification(CheXficientPreTrainedModel):
+    """The paper's linear probe: a frozen image encoder and a linear head on the L2-normalised CLS feature.
+
+    `config.num_labels` sets the head size; `config.problem_type` picks the loss as in transformers
+    (multi-label BCE for float multi-hot labels, cross-entropy for class indices, MSE for one regression output).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"^text_model\.",
+        r"^text_projection\.",
+        r"^visual_projection\.",
+        r"^logit_scale",
+        r"^prototypes",
+    ]
+
+    def __init__(self, config: CheXficientConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = Dinov2Model(config.vision_config)
+        self.vision_model.requires_grad_(False)
+        self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def train(self, mode: bool = True) -> CheXficientForImageClassification:
+        super().train(mode)
+        self.vision_model.eval()  # the encoder stays frozen, dropout included
+        self.vision_model.requires_grad_(False)  # loading may hand back trainable parameters
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """Logits [B, num_labels] from `pixel_values` [B, 3, H, W]; a loss when `labels` are given."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        with torch.no_grad():
+            features = F.normalize(self.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
+        logits = self.classifier(features)
+
+        loss = None
+        if labels is not None:
+            problem_type = self.config.problem_type
+            if problem_type is None:
+                if self.num_labels == 1:
+                    problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem_type = "single_label_classification"
+                else:
+                    problem_type = "multi_label_classification"
+            if problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            elif problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits, labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+        if not return_dict:
+            return (loss, logits) if loss is not None else (logits,)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+CheXficientModel.register_for_auto_class("AutoModel")
+CheXficientForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "CheXficientForImageClassification",
+    "CheXficientModel",
+    "CheXficientOutput",
+    "CheXficientPreTrainedModel",
+    "CheXficientVisionModel",
+    "CheXficientVisionOutput",
+    "clip_loss",
+    "last_token_pool",
+    "zero_shot_prompts",
+]

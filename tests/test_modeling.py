@@ -1,0 +1,241 @@
+"""CheXficientConfig and the models: shapes, pooling, loss, zero-shot protocol, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from transformers import BertConfig, Dinov2Config
+
+from configuration_chexficient import CheXficientConfig
+from modeling_chexficient import (
+    CheXficientForImageClassification,
+    CheXficientModel,
+    CheXficientOutput,
+    CheXficientVisionModel,
+    clip_loss,
+    last_token_pool,
+    zero_shot_prompts,
+)
+
+
+def _inputs(batch: int = 3, seq: int = 7, image_size: int = 28):
+    input_ids = torch.randint(5, 64, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[0, 4:] = 0  # right padding on the first report
+    input_ids[0, 4:] = 0
+    pixel_values = torch.randn(batch, 3, image_size, image_size)
+    return input_ids, attention_mask, pixel_values
+
+
+# ----- configuration ---------------------------------------------------------------------------------------------
+
+
+def test_default_config_is_released_architecture():
+    config = CheXficientConfig()
+    vision, text = config.vision_config, config.text_config
+    assert isinstance(vision, Dinov2Config) and isinstance(text, BertConfig)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size) == (768, 12, 14, 378)
+    assert vision.layer_norm_eps == 1e-6 and vision.layerscale_value == 1.0 and not vision.use_swiglu_ffn
+    assert (text.vocab_size, text.num_hidden_layers, text.hidden_size) == (28996, 12, 768)
+    assert config.projection_dim == 512 and config.num_prototypes == 6
+    assert config.logit_scale_init_value == pytest.approx(math.log(100.0))
+
+
+def test_config_accepts_dicts_and_objects_and_round_trips(tmp_path):
+    from_dicts = tiny_config()
+    from_objects = CheXficientConfig(
+        vision_config=from_dicts.vision_config, text_config=from_dicts.text_config, projection_dim=16, num_prototypes=3
+    )
+    assert from_objects.to_dict()["vision_config"] == from_dicts.to_dict()["vision_config"]
+    from_dicts.save_pretrained(tmp_path)
+    reloaded = CheXficientConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == from_dicts.to_dict()
+    assert isinstance(reloaded.vision_config, Dinov2Config) and reloaded.vision_config.hidden_size == 32
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert on_disk["model_type"] == "chexficient"
+    assert on_disk["auto_map"]["AutoConfig"] == "configuration_chexficient.CheXficientConfig"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(vision_config=dict(image_size=30, patch_size=14)), "multiple of vision_config.patch_size"),
+        (dict(vision_config=dict(hidden_size=30, num_attention_heads=4)), "vision_config.hidden_size"),
+        (dict(text_config=dict(hidden_size=30, num_attention_heads=4)), "text_config.hidden_size"),
+        (dict(projection_dim=0), "projection_dim"),
+        (dict(num_prototypes=0), "num_prototypes"),
+        (dict(vision_config="vit"), "vision_config"),
+    ],
+)
+def test_inconsistent_config_fails_at_construction(overrides, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        CheXficientConfig(**overrides)
+
+
+# ----- model ---------------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_embeddings_and_loss(config):
+    model = CheXficientModel(config).eval()
+    input_ids, attention_mask, pixel_values = _inputs()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+    assert isinstance(out, CheXficientOutput)
+    assert out.logits_per_image.shape == (3, 3) and out.logits_per_text.shape == (3, 3)
+    assert out.image_embeds.shape == (3, 16) and out.text_embeds.shape == (3, 16)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
+    # logits use the stored scale; the loss is the symmetric InfoNCE
+    expected = math.exp(config.logit_scale_init_value) * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+    targets = torch.arange(3)
+    by_hand = (F.cross_entropy(expected, targets) + F.cross_entropy(expected.t(), targets)) / 2
+    torch.testing.assert_close(out.loss, by_hand)
+    out.loss.backward()
+    assert model.visual_projection.weight.grad is not None and model.logit_scale.grad is not None
+    assert model.prototypes.shape == (3, 32) and not model.prototypes.requires_grad
+    assert model.logit_scale.ndim == 1
+
+
+def test_features_match_forward_and_tuple_output(config):
+    model = CheXficientModel(config).eval()
+    input_ids, attention_mask, pixel_values = _inputs()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    torch.testing.assert_close(model.get_image_features(pixel_values), out.image_embeds)
+    torch.testing.assert_close(model.get_text_features(input_ids, attention_mask), out.text_embeds)
+    as_tuple = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_loss_clamps_logit_scale_but_logits_do_not(config):
+    model = CheXficientModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    input_ids, attention_mask, pixel_values = _inputs()
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+    cosine = out.text_embeds @ out.image_embeds.t()
+    torch.testing.assert_close(out.logits_per_text, 1000.0 * cosine, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, clip_loss(100.0 * cosine))
+
+
+def test_text_pooling_takes_last_real_token():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float).view(2, 5, 3)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(last_token_pool(hidden, right), torch.stack([hidden[0, 2], hidden[1, 4]]))
+    torch.testing.assert_close(last_token_pool(hidden, left), torch.stack([hidden[0, 4], hidden[1, 4]]))
+    torch.testing.assert_close(last_token_pool(hidden, None), hidden[:, -1])
+
+
+def test_padding_does_not_change_text_embedding(config):
+    model = CheXficientModel(config).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    padded = torch.tensor([[2, 10, 11, 12, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    torch.testing.assert_close(
+        model.get_text_features(ids, torch.ones_like(ids)), model.get_text_features(padded, mask), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_towers_are_transformers_classes_with_sdpa(config):
+    from transformers import BertModel, Dinov2Model
+
+    model = CheXficientModel(config)
+    assert type(model.vision_model) is Dinov2Model and type(model.text_model) is BertModel
+    assert model.text_model.pooler is None  # the released features pool [SEP], the pooler is unused
+    assert model.vision_model.config._attn_implementation == "sdpa"
+    assert model.text_model.config._attn_implementation == "sdpa"
+    assert model.visual_projection.bias is not None and model.text_projection.bias is not None
+
+
+def test_eager_and_sdpa_attention_agree(config):
+    sdpa = CheXficientModel(config).eval()
+    eager_config = tiny_config()
+    eager_config._attn_implementation = "eager"
+    eager_model = CheXficientModel(eager_config).eval()
+    eager_model.load_state_dict(sdpa.state_dict())
+    input_ids, attention_mask, pixel_values = _inputs()
+    a = sdpa(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    b = eager_model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_gives_identical_outputs(config, tmp_path):
+    model = CheXficientModel(config).eval()
+    with torch.no_grad():
+        model.prototypes.copy_(F.normalize(torch.randn_like(model.prototypes), dim=-1))
+        model.logit_scale.fill_(3.2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_chexficient.py").exists()
+    reloaded = CheXficientModel.from_pretrained(tmp_path).eval()
+    input_ids, attention_mask, pixel_values = _inputs()
+    a = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    b = reloaded(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, atol=0, rtol=0)
+    torch.testing.assert_close(reloaded.prototypes, model.prototypes)
+    torch.testing.assert_close(reloaded.logit_scale, model.logit_scale)
+
+
+def test_vision_model_loads_from_full_checkpoint(config, tmp_path):
+    model = CheXficientModel(config).eval()
+    model.save_pretrained(tmp_path)
+    vision = CheXficientVisionModel.from_pretrained(tmp_path).eval()
+    assert not any(name.startswith("text_model") for name, _ in vision.named_parameters())
+    pixel_values = torch.randn(2, 3, 28, 28)
+    out = vision(pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(out.image_embeds, model.get_image_features(pixel_values))
+    assert out.last_hidden_state.shape == (2, 1 + 4, 32)  # CLS + (28 / 14)^2 patches
+    assert len(out.hidden_states) == config.vision_config.num_hidden_layers + 1
+
+
+def test_linear_probe_freezes_encoder_and_trains_head(config, tmp_path):
+    CheXficientModel(config).save_pretrained(tmp_path)
+    probe = CheXficientForImageClassification.from_pretrained(tmp_path, num_labels=4)
+    probe.train()
+    assert not probe.vision_model.training
+    trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    pixel_values = torch.randn(5, 3, 28, 28)
+    labels = torch.randint(0, 2, (5, 4)).float()
+    out = probe(pixel_values, labels=labels)
+    assert out.logits.shape == (5, 4)
+    features = F.normalize(probe.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
+    expected = F.binary_cross_entropy_with_logits(probe.classifier(features), labels)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert probe.classifier.weight.grad is not None
+    classes = torch.randint(0, 4, (5,))
+    torch.testing.assert_close(probe(pixel_values, labels=classes).loss, F.cross_entropy(out.logits, classes))
+
+
+# ----- zero-shot ---------------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_prompts_follow_the_paper():
+    assert zero_shot_prompts("Pneumothorax") == ("Pneumothorax", "no Pneumothorax")
+    assert zero_shot_prompts("No Finding") == ("No Finding", "there is Finding")
+
+
+def test_zero_shot_matches_hand_computation_and_caches(config, tokenizer):
+    model = CheXficientModel(config).eval()
+    labels = ["Pneumothorax", "Cardiomegaly", "No Finding"]
+    image_embeds = F.normalize(torch.randn(4, 16), dim=-1)
+    probs = model.zero_shot_classify(labels, tokenizer, image_embeds=image_embeds)
+    assert probs.shape == (4, 3)
+    for c, label in enumerate(labels):
+        positive, negative = zero_shot_prompts(label)
+        tokens = tokenizer([positive, negative], padding=True, return_tensors="pt")
+        text = model.get_text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+        cos = image_embeds @ text.t()  # [4, 2], no temperature
+        expected = torch.exp(cos[:, 0]) / (torch.exp(cos[:, 0]) + torch.exp(cos[:, 1]))
+        torch.testing.assert_close(probs[:, c], expected, atol=1e-5, rtol=1e-5)
+    cached = model.get_zero_shot_text_embeds(labels, tokenizer)
+    assert model.get_zero_shot_text_embeds(labels, tokenizer) is cached
+    model.train()
+    assert model.get_zero_shot_text_embeds(labels, tokenizer) is not cached  # training invalidates the cache
+    with pytest.raises(ValueError, match="exactly one"):
+        model.zero_shot_classify(labels, tokenizer)

@@ -1,0 +1,98 @@
+"""A saved folder loads through the Auto classes in a fresh process where this project is not importable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from image_processing_chexficient import CheXficientImageProcessor
+from modeling_chexficient import CheXficientModel
+from processing_chexficient import CheXficientProcessor
+
+
+CLEAN_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    try:
+        import modeling_chexficient
+    except ImportError:
+        pass
+    else:
+        sys.exit("the project is importable: the test would prove nothing")
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+
+    folder, image_path = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__name__ == "CheXficientModel", type(model)
+    assert type(image_processor).__name__ == "CheXficientImageProcessor", type(image_processor)
+    assert type(processor).__name__ == "CheXficientProcessor", type(processor)
+    inputs = processor(text=["no pleural effusion", "small right pneumothorax"], images=[image_path, image_path])
+    alone = image_processor(image_path)["pixel_values"]
+    assert torch.equal(alone[0], inputs["pixel_values"][0])
+    with torch.no_grad():
+        out = model(**inputs)
+        probs = model.zero_shot_classify(["Pneumothorax", "No Finding"], processor.tokenizer, image_embeds=out.image_embeds)
+    save_file(
+        {"logits": out.logits_per_image.contiguous(), "pixel_values": inputs["pixel_values"].contiguous(),
+         "input_ids": inputs["input_ids"].contiguous(), "probs": probs.contiguous()},
+        sys.argv[3],
+    )
+    """
+)
+
+
+def test_auto_classes_load_in_a_clean_process(tmp_path, config, tokenizer):
+    import PIL.Image
+
+    folder, work = tmp_path / "model", tmp_path / "elsewhere"
+    work.mkdir()
+    model = CheXficientModel(config).eval()
+    processor = CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image_path = tmp_path / "cxr.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((40, 32)) * 255).astype(np.uint8)).save(image_path)
+    script = work / "load.py"
+    script.write_text(CLEAN_PROCESS_SCRIPT)
+    output = tmp_path / "out.safetensors"
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(folder), str(image_path), str(output)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    remote = load_file(output)
+    inputs = processor(text=["no pleural effusion", "small right pneumothorax"], images=[image_path, image_path])
+    torch.testing.assert_close(remote["pixel_values"], inputs["pixel_values"])
+    torch.testing.assert_close(remote["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        out = model(**inputs)
+        probs = model.zero_shot_classify(["Pneumothorax", "No Finding"], tokenizer, image_embeds=out.image_embeds)
+    torch.testing.assert_close(remote["logits"], out.logits_per_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(remote["probs"], probs, atol=1e-6, rtol=1e-6)
+
+
+def test_processor_pads_right_and_truncates(tokenizer):
+    processor = CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tokenizer, max_length=6)
+    batch = processor(text=["no pneumothorax", "the heart size is normal and the lungs are clear"])
+    assert batch["input_ids"].shape == (2, 6)  # truncated at max_length, padded to the longest
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]  # right padding: [CLS] no pneumothorax [SEP]
+    assert batch["input_ids"][1, -1].item() == tokenizer.sep_token_id  # truncation keeps the final [SEP]
