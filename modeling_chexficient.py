@@ -90,6 +90,9 @@ class CheXficientOutput(ModelOutput):
             Output of the `Dinov2Model` image tower.
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the `BertModel` text tower.
+        logit_scale (`torch.FloatTensor` of shape `(1,)`):
+            The stored log temperature scale, returned so that losses computed outside the model (over embeddings
+            gathered across processes) need not reach into partitioned parameters.
     """
 
     loss: torch.FloatTensor | None = None
@@ -99,6 +102,7 @@ class CheXficientOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
+    logit_scale: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(
@@ -253,6 +257,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
             text_embeds=text_embeds,
             vision_model_output=vision_outputs,
             text_model_output=text_outputs,
+            logit_scale=self.logit_scale,
         )
 
     # ----- zero-shot classification (the paper's protocol) -------------------------------------------------------
