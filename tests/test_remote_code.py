@@ -18,7 +18,21 @@ from processing_chexficient import CheXficientProcessor
 
 CLEAN_PROCESS_SCRIPT = textwrap.dedent(
     """
+    import importlib.abc
     import sys
+
+    PROJECT = {"configuration_chexficient", "modeling_chexficient", "image_processing_chexficient",
+               "processing_chexficient", "train", "eval", "scripts"}
+
+    class HideProject(importlib.abc.MetaPathFinder):
+        # this process stands for a user's machine: the project itself is not installed there
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in PROJECT:
+                raise ImportError(f"{name} is not installed here")
+            return None
+
+    sys.meta_path.insert(0, HideProject())
     try:
         import modeling_chexficient
     except ImportError:

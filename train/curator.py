@@ -1,0 +1,145 @@
+"""The stateful curator the training loop drives: prototypes, the curated subset and counters, checkpointable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from train.curation import (
+    SelectionResult,
+    concat_normalized,
+    ema_update_prototypes,
+    kmeans_init,
+    select_samples,
+    sinkhorn_knopp,
+)
+
+
+@dataclass
+class CurationConfig:
+    """Curation constants; the defaults are the released model's."""
+
+    num_prototypes: int = 6
+    outlier_quantile: float = 0.95
+    support_quantile: float = 0.85
+    max_per_cluster: int = 10
+    sinkhorn_epsilon: float = 0.5
+    sinkhorn_iterations: int = 3
+    ema_decay: float = 0.9
+    kmeans_iterations: int = 20
+    warmup_samples: int = 800
+
+
+class PrototypeCurator:
+    """Holds the prototypes [K, 2D] and a mask over the `num_samples` dataset indices of the curated subset.
+
+    `select` decides which pairs of a super-batch to train on and records them; `update_prototypes` moves the
+    prototypes towards the kept pairs (called after the optimizer step, with the pre-step features, as the
+    reference does). Counters stay on the device; nothing here syncs with it.
+    """
+
+    def __init__(self, config: CurationConfig, num_samples: int, device: torch.device | str = "cpu"):
+        self.config = config
+        self.num_samples = num_samples
+        self.device = torch.device(device)
+        self.prototypes: torch.Tensor | None = None
+        self.curated = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
+        self.candidates = torch.zeros((), dtype=torch.long, device=self.device)
+        self.kept = torch.zeros((), dtype=torch.long, device=self.device)
+        self.usage = torch.zeros(config.num_prototypes, device=self.device)
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.prototypes is not None
+
+    def to(self, device: torch.device | str) -> PrototypeCurator:
+        self.device = torch.device(device)
+        for name in ("prototypes", "curated", "candidates", "kept", "usage"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(self.device))
+        return self
+
+    def initialize(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """k-means on the un-normalised [image ; text] concatenation of warm-up pairs (as the reference)."""
+        features = torch.cat([image_embeds.float(), text_embeds.float()], dim=-1).cpu()
+        centroids = kmeans_init(
+            features, self.config.num_prototypes, num_iterations=self.config.kmeans_iterations, generator=generator
+        )
+        self.prototypes = centroids.to(self.device)
+
+    def select(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        sample_ids: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SelectionResult:
+        """Select pairs of a super-batch (embeddings [N, D], dataset indices [N]) and add the kept ones to the subset."""
+        if self.prototypes is None:
+            raise RuntimeError("the curator's prototypes are not initialised; call initialize() first.")
+        features = concat_normalized(image_embeds, text_embeds)
+        result = select_samples(
+            features,
+            self.prototypes,
+            valid=valid,
+            outlier_quantile=self.config.outlier_quantile,
+            support_quantile=self.config.support_quantile,
+            max_per_cluster=self.config.max_per_cluster,
+            generator=generator,
+        )
+        ids = sample_ids.to(self.device)
+        self.curated[ids] |= result.keep.to(self.device)  # duplicates of an id within a batch OR together
+        self.candidates += ids.numel() if valid is None else valid.sum().to(self.device)
+        self.kept += result.keep.sum().to(self.device)
+        return result
+
+    def update_prototypes(self, features: torch.Tensor) -> None:
+        """Sinkhorn-assign the kept pairs' normalised features [M, 2D] and move the prototypes by EMA."""
+        if self.prototypes is None or features.numel() == 0:
+            return
+        features = features.float().to(self.device)
+        similarities = features @ F.normalize(self.prototypes, dim=-1).t()  # [M, K]
+        assignments = sinkhorn_knopp(similarities, self.config.sinkhorn_epsilon, self.config.sinkhorn_iterations)
+        self.prototypes = ema_update_prototypes(self.prototypes, features, assignments, self.config.ema_decay)
+        self.usage = assignments.sum(dim=0)
+
+    def curated_ids(self) -> torch.Tensor:
+        """Sorted dataset indices of the curated subset (on the CPU)."""
+        return self.curated.nonzero().squeeze(1).cpu()
+
+    def stats(self) -> dict[str, float]:
+        """Kept share so far, subset size and last prototype usage (syncs: for logging only)."""
+        candidates = max(int(self.candidates), 1)
+        stats = {"kept_fraction": int(self.kept) / candidates, "curated": int(self.curated.sum())}
+        stats.update({f"usage_{k}": float(u) for k, u in enumerate(self.usage.tolist())})
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "num_samples": self.num_samples,
+            "prototypes": None if self.prototypes is None else self.prototypes.cpu().clone(),
+            "curated": self.curated.cpu().clone(),
+            "candidates": self.candidates.cpu().clone(),
+            "kept": self.kept.cpu().clone(),
+            "usage": self.usage.cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"the checkpoint's curator covers {state['num_samples']} samples, this dataset has {self.num_samples}."
+            )
+        self.config = CurationConfig(**state["config"])
+        self.prototypes = None if state["prototypes"] is None else state["prototypes"].to(self.device)
+        self.curated = state["curated"].to(self.device)
+        self.candidates = state["candidates"].to(self.device)
+        self.kept = state["kept"].to(self.device)
+        self.usage = state["usage"].to(self.device)
