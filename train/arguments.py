@@ -32,6 +32,7 @@ MODEL_PRESETS: dict[str, dict] = {
             "max_position_embeddings": 256,
         },
         "projection_dim": 64,
+        "logit_scale_init_value": 2.6593,  # log(1 / 0.07): CLIP's start for towers trained from scratch
     },
     "chexficient_vitb14_378": {},  # the released architecture (the config defaults)
 }

@@ -53,7 +53,11 @@ CORRUPT_KINDS = ("empty", "truncated", "not_an_image")
 _SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
 
 _POSITIVE = {
-    "Cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "{size} enlargement of the cardiac silhouette."],
+    "Cardiomegaly": [
+        "The heart is enlarged.",
+        "Cardiomegaly is present.",
+        "{size} enlargement of the cardiac silhouette.",
+    ],
     "Pleural Effusion": ["{size} {side} pleural effusion.", "There is a {size} {side} pleural effusion."],
     "Pneumothorax": ["{size} {side} pneumothorax.", "There is a {side} apical pneumothorax."],
     "Consolidation": ["Consolidation in the {side} {zone} lung.", "Airspace consolidation at the {side} {zone} zone."],
@@ -64,7 +68,7 @@ _POSITIVE = {
     "Fracture": ["A displaced {side} rib fracture.", "There is a fracture of a {side} rib."],
 }
 _NEGATIVE = {
-    "Cardiomegaly": ["Heart size is normal.", "The cardiac silhouette is normal."],
+    "Cardiomegaly": ["Heart size is normal.", "No cardiomegaly."],
     "Pleural Effusion": ["No pleural effusion.", "There is no pleural effusion."],
     "Pneumothorax": ["No pneumothorax.", "There is no pneumothorax."],
     "Consolidation": ["No focal consolidation.", "No consolidation."],
@@ -74,7 +78,10 @@ _NEGATIVE = {
     "Support Devices": [],
     "Fracture": ["No acute fracture.", "The ribs are intact."],
 }
-_NO_FINDING_FINDINGS = ["The lungs are clear. Heart size is normal.", "Clear lungs. Normal cardiomediastinal silhouette."]
+_NO_FINDING_FINDINGS = [
+    "The lungs are clear. Heart size is normal.",
+    "Clear lungs. Normal cardiomediastinal silhouette.",
+]
 _NO_FINDING_IMPRESSIONS = ["No acute cardiopulmonary process.", "Normal chest radiograph."]
 
 # Label-only datasets: one sentence per label, as the paper builds pseudo-reports.
@@ -148,6 +155,7 @@ def render_phantom(
     """
     a = dict(anatomy) if anatomy is not None else _anatomy(rng)
     side = 1 if rng.random() < 0.5 else -1  # which lung the unilateral findings affect (image left/right)
+    noise_rng = np.random.default_rng(int(rng.integers(2**31)))  # independent of how many findings draw
     grid = (np.arange(image_size) + 0.5) / image_size * 2 - 1
     y0, x0 = np.meshgrid(grid, grid, indexing="ij")
     cos, sin = np.cos(a["angle"]), np.sin(a["angle"])
@@ -224,7 +232,7 @@ def render_phantom(
             image = np.maximum(image, 0.95 * _ellipse(x, y, lx, ly, 0.03, 0.03, 0.3))
 
     image = (image + a["exposure"]) * a["contrast"]
-    image = image + 0.012 * rng.standard_normal(image.shape)
+    image = image + 0.012 * noise_rng.standard_normal(image.shape)
     image = np.clip(image, 0.0, 1.0)
     if bit_depth == 16:
         return np.round(image * 65535).astype(np.uint16)
@@ -248,20 +256,26 @@ def _sentence(template: str, rng: np.random.Generator) -> str:
 
 
 def make_report(labels: Mapping[str, int], rng: np.random.Generator) -> tuple[str, str]:
-    """(findings, impression) describing `labels` in radiology-report style."""
+    """(findings, impression) describing `labels` in radiology-report style.
+
+    Like real reports, both normal and abnormal studies state some absent findings ("No pneumothorax.").
+    """
     positives = [f for f in PHANTOM_FINDINGS if labels.get(f)]
-    if not positives:
-        return str(rng.choice(_NO_FINDING_FINDINGS)), str(rng.choice(_NO_FINDING_IMPRESSIONS))
     sentences = [_sentence(str(rng.choice(_POSITIVE[f])), rng) for f in positives]
+    if not positives:
+        sentences.append(str(rng.choice(_NO_FINDING_FINDINGS)))
     negatives = [f for f in PHANTOM_FINDINGS if not labels.get(f) and _NEGATIVE[f]]
-    for finding in rng.permutation(negatives)[: int(rng.integers(1, 4))]:
+    for finding in rng.permutation(negatives)[: int(rng.integers(2, 6))]:
         sentences.append(str(rng.choice(_NEGATIVE[str(finding)])))
+    if not positives:
+        return " ".join(sentences), str(rng.choice(_NO_FINDING_IMPRESSIONS))
     impression = " ".join(f"{f.lower().capitalize()}." for f in positives)
     return " ".join(sentences), impression
 
 
 def pseudo_report_from_labels(labels: Mapping[str, float | None], rng: np.random.Generator) -> str:
     """Template report from structured labels: 1 positive, 0 negative, -1 uncertain, None/NaN skipped."""
+
     def present(value):
         return value is not None and not (isinstance(value, float) and np.isnan(value))
 
@@ -354,7 +368,13 @@ def write_phantom_dataset(
     import pandas as pd
 
     root = Path(output_dir)
-    params = {"num_train": num_train, "num_test": num_test, "seed": seed, "image_size": image_size, "bit_depth": bit_depth}
+    params = {
+        "num_train": num_train,
+        "num_test": num_test,
+        "seed": seed,
+        "image_size": image_size,
+        "bit_depth": bit_depth,
+    }
     meta_path = root / "phantoms.json"
     result = {"train": root / "train.csv", "test": root / "test.csv", "root": root}
     if meta_path.exists() and json.loads(meta_path.read_text()).get("params") == params:
@@ -371,8 +391,15 @@ def write_phantom_dataset(
                 path.write_bytes(_corrupt_bytes(sample.corrupt, sample.image))
             else:
                 PIL.Image.fromarray(sample.image).save(path)
-            rows.append({"id": sample.id, "path": str(path.relative_to(root)), "findings": sample.findings,
-                         "impression": sample.impression, **sample.labels})
+            rows.append(
+                {
+                    "id": sample.id,
+                    "path": str(path.relative_to(root)),
+                    "findings": sample.findings,
+                    "impression": sample.impression,
+                    **sample.labels,
+                }
+            )
         pd.DataFrame(rows).to_csv(result[split], index=False)
         meta[f"{split}_prevalence"] = {k: float(np.mean([s.labels[k] for s in samples])) for k in PHANTOM_LABELS}
         if split == "train":
@@ -406,8 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16))
     args = parser.parse_args(argv)
     written = write_phantom_dataset(
-        args.output_dir, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
-        image_size=args.image_size, bit_depth=args.bit_depth,
+        args.output_dir,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        seed=args.seed,
+        image_size=args.image_size,
+        bit_depth=args.bit_depth,
     )
     meta = json.loads((Path(args.output_dir) / "phantoms.json").read_text())
     for split in ("train", "test"):

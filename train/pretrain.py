@@ -12,6 +12,7 @@ resumes where it stopped without repeating or losing samples.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -47,6 +48,7 @@ from processing_chexficient import CheXficientProcessor
 
 logger = get_logger(__name__)
 SUBSET_FILENAME = "curated_subset.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 @dataclass
@@ -152,15 +154,21 @@ def build_model(model_args, config: CheXficientConfig) -> CheXficientModel:
     return model
 
 
-def make_loader(dataset, sampler, collator, num_workers: int):
+def make_loader(dataset, sampler, collator, num_workers: int, seed: int):
+    """One loader for the whole run: the batch sampler is re-read (new epoch, new subset) at every `iter()`.
+
+    Its own generator keeps iterator creation from drawing on the global RNG, so that a resumed run's dropout
+    stream is the uninterrupted run's.
+    """
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collator,
         num_workers=num_workers,
         worker_init_fn=seed_worker,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -191,7 +199,11 @@ def initialize_prototypes(model, curator, pairs, dataset, collator, args, accele
     shard = chosen[accelerator.process_index :: accelerator.num_processes].tolist()
     batch_size = max(train_args.per_device_batch_size, 1)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, shard), batch_size=batch_size, collate_fn=collator, num_workers=0
+        torch.utils.data.Subset(dataset, shard),
+        batch_size=batch_size,
+        collate_fn=collator,
+        num_workers=0,
+        generator=torch.Generator(),
     )
     images, texts, valids = [], [], []
     model.eval()
@@ -286,7 +298,11 @@ def evaluate_zero_shot(model, tokenizer, manifest: str, labels, image_processor,
     targets = frame[list(labels)].to_numpy(dtype=float)
     collator = ImageReportCollator(tokenizer, _crop_size(image_processor), data_args.max_text_length)
     loader = torch.utils.data.DataLoader(
-        ImageReportDataset(pairs, image_processor), batch_size=64, collate_fn=collator, num_workers=0
+        ImageReportDataset(pairs, image_processor),
+        batch_size=64,
+        collate_fn=collator,
+        num_workers=0,
+        generator=torch.Generator(),  # leaves the global RNG (dropout) untouched
     )
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
@@ -327,7 +343,9 @@ def fold_counters(state: TrainState, counters: torch.Tensor) -> None:
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, limit: int) -> None:
     folder = output_dir / "checkpoints" / f"step-{state.global_step:08d}"
     accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (folder / COMPLETE_MARKER).write_text(json.dumps(state.state_dict()))  # a kill mid-save leaves no marker
         checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))
         for stale in checkpoints[:-limit]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -340,9 +358,11 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder.")
         return path
-    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))
+    checkpoints = sorted(p for p in (output_dir / "checkpoints").glob("step-*") if (p / COMPLETE_MARKER).exists())
     if not checkpoints:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'}.")
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}."
+        )
     return checkpoints[-1]
 
 
@@ -352,7 +372,8 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, curation_args, train_args = parse_arguments(argv)
     output_dir = Path(train_args.output_dir)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if train_args.cpu or not torch.cuda.is_available() else []
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and (train_args.cpu or not torch.cuda.is_available())
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []  # DeepSpeed defaults to NCCL
     accelerator = Accelerator(
         cpu=train_args.cpu,
         mixed_precision=train_args.mixed_precision,
@@ -445,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         estimated_total_steps=estimated_total,
         warmup_steps=train_args.warmup_steps,
     )
+    if accelerator.state.deepspeed_plugin is not None:  # the loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(curator, state)
@@ -483,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, curator, pairs, dataset, collator, (data_args, curation_args, train_args), accelerator
         )
 
+    loader = make_loader(dataset, sampler, collator, data_args.num_workers, train_args.seed)
     trace = (
         (output_dir / "samples.jsonl").open("a") if train_args.trace_samples and accelerator.is_main_process else None
     )
@@ -497,7 +521,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state.step_in_epoch = 0
         state.epoch = epoch
         curating = curating_enabled and sampler.is_curating
-        loader = make_loader(dataset, sampler, collator, data_args.num_workers)
         progress = tqdm(
             loader,
             total=len(sampler),
@@ -562,7 +585,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     logs["curated_pairs"] = int(curator.curated_ids().numel())
                 accelerator.log(logs, step=state.global_step)
                 progress.set_postfix(loss=f"{logs['loss']:.3f}", kept=f"{logs['kept_fraction']:.2f}")
-            if train_args.eval_steps and data_args.eval_manifest and state.global_step % train_args.eval_steps == 0:
+            if (
+                train_args.eval_steps
+                and data_args.eval_manifest
+                and data_args.eval_labels
+                and state.global_step % train_args.eval_steps == 0
+            ):
                 result = evaluate_zero_shot(
                     model,
                     tokenizer,
@@ -574,6 +602,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 eval_history.append({"step": state.global_step, **result})
                 accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
+                accelerator.print(
+                    f"step {state.global_step}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}"
+                )
             if train_args.save_steps and state.global_step % train_args.save_steps == 0:
                 fold_counters(state, counters)
                 save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
@@ -598,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         state.epoch = epoch + 1
         state.step_in_epoch = 0
-        if data_args.eval_manifest and data_args.eval_labels:
+        if data_args.eval_manifest and data_args.eval_labels and not train_args.eval_steps:
             result = evaluate_zero_shot(
                 model,
                 tokenizer,
@@ -612,7 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
             accelerator.print(f"epoch {epoch + 1}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}")
         fold_counters(state, counters)
-        if train_args.save_steps is not None or epoch + 1 < train_args.num_epochs:
+        if train_args.save_steps is None and epoch + 1 < train_args.num_epochs:
             save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
     fold_counters(state, counters)
     if trace is not None:

@@ -1,0 +1,225 @@
+"""End-to-end curated pretraining on the phantoms: one process, resume after SIGKILL, 2 processes, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "vision_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 8,
+        "image_size": 32,
+    },
+    "text_config": {
+        "vocab_size": 256,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
+    "projection_dim": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    return root
+
+
+def common_args(workspace: Path, output: Path, **overrides) -> list[str]:
+    values = {
+        "model_config": str(workspace / "tiny.json"),
+        "output_dir": str(output),
+        "phantom_dir": str(workspace / "phantoms"),
+        "phantom_num_train": 100,
+        "phantom_num_eval": 20,
+        "phantom_num_test": 40,
+        "phantom_image_size": 48,
+        "per_device_batch_size": 24,
+        "curated_batch_size": 8,
+        "num_epochs": 3,
+        "warmup_samples": 48,
+        "num_prototypes": 3,
+        "num_workers": 0,
+        "tokenizer_vocab_size": 200,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "logging_steps": 1,
+        "trace_samples": True,
+    }
+    values.update(overrides)
+    args = ["--cpu"]
+    for key, value in values.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def read_trace(output: Path) -> dict[int, dict]:
+    """Step -> record; a later line for the same step (written after a resume) wins."""
+    records = {}
+    for line in (output / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def test_single_process_run_curates_trains_and_exports(workspace):
+    output = workspace / "single"
+    result = run([sys.executable, "train/pretrain.py", *common_args(workspace, output)])
+    summary = json.loads((output / "summary.json").read_text())
+    assert "test zero-shot macro AUROC" in result.stdout
+    assert 0.0 <= summary["test"]["macro_auroc"] <= 1.0 and summary["test"]["num_images"] == 40
+    subset = json.loads((output / "final" / "curated_subset.json").read_text())
+    assert 0 < subset["num_curated"] < subset["num_candidates"] == 100  # validation rows come on top
+    assert summary["unreadable_images"] >= 1  # the phantoms' corrupt files were met and skipped
+    trace = read_trace(output)
+    curation_steps = [r for r in trace.values() if r["epoch"] == 0]
+    later = [r for r in trace.values() if r["epoch"] > 0]
+    assert len(curation_steps) == 100 // 24
+    assert all(set(r["indices"]) <= set(subset["indices"]) for r in later)  # later epochs walk the subset only
+    kept = {i for r in curation_steps for i in r["kept"]}
+    assert kept == set(subset["indices"])
+    # the exported folder is a complete HF model
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(output / "final", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(output / "final", trust_remote_code=True)
+    assert processor.image_processor.size == {"shortest_edge": 32}
+    assert model.prototypes.abs().sum() > 0  # the curator's prototypes travel with the model
+
+
+def test_killed_run_resumes_without_repeating_or_losing_samples(workspace):
+    reference = workspace / "reference"
+    args = dict(save_steps=2, num_epochs=4)
+    run([sys.executable, "train/pretrain.py", *common_args(workspace, reference, **args)])
+
+    killed = workspace / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "train/pretrain.py", *common_args(workspace, killed, **args)],
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = killed / "checkpoints" / "step-00000004" / "checkpoint_complete.json"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+    resumed = run(
+        [sys.executable, "train/pretrain.py", *common_args(workspace, killed, resume_from_checkpoint="latest", **args)]
+    )
+    assert "resumed from" in resumed.stderr + resumed.stdout or (killed / "summary.json").exists()
+    expected, got = read_trace(reference), read_trace(killed)
+    assert sorted(got) == sorted(expected)  # every step ran, none twice
+    for step in expected:
+        assert got[step]["indices"] == expected[step]["indices"], step
+        assert got[step]["kept"] == expected[step]["kept"], step
+    subset = json.loads((killed / "final" / "curated_subset.json").read_text())
+    assert subset == json.loads((reference / "final" / "curated_subset.json").read_text())
+    a = load_file(reference / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes_over_gloo_share_one_super_batch(workspace):
+    output = workspace / "two"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "train/pretrain.py",
+            *common_args(workspace, output, per_device_batch_size=12, num_epochs=2),
+        ]
+    )
+    trace = read_trace(output)
+    first = trace[1]
+    assert len(first["indices"]) == 24 and len(set(first["indices"])) == 24  # 2 ranks x 12, gathered
+    subset = json.loads((output / "final" / "curated_subset.json").read_text())
+    assert subset["num_curated"] > 0 and (output / "final" / "model.safetensors").exists()
+
+
+def test_deepspeed_zero2_on_cpu(workspace):
+    output = workspace / "zero2"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--use_deepspeed",
+            "--num_processes",
+            "2",
+            "--deepspeed_config_file",
+            "train/configs/deepspeed_zero2.json",
+            "--num_machines",
+            "1",
+            "train/pretrain.py",
+            *common_args(workspace, output, per_device_batch_size=12, num_epochs=2),
+        ]
+    )
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] > 0 and (output / "final" / "model.safetensors").exists()
+
+
+def test_accumulate_mode_steps_on_the_selection_only(workspace):
+    output = workspace / "accumulate"
+    run(
+        [
+            sys.executable,
+            "train/pretrain.py",
+            *common_args(
+                workspace,
+                output,
+                curation_mode="accumulate",
+                candidate_pool_size=40,
+                embedding_chunk_size=16,
+                num_epochs=2,
+            ),
+        ]
+    )
+    trace = read_trace(output)
+    first = trace[1]
+    assert len(first["indices"]) == 40 and 0 < len(first["kept"]) < 40
