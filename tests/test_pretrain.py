@@ -44,7 +44,7 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def common_args(workspace: Path, output: Path, **overrides) -> list[str]:
+def common_args(workspace: Path, output: Path, cpu: bool = True, **overrides) -> list[str]:
     values = {
         "model_config": str(workspace / "tiny.json"),
         "output_dir": str(output),
@@ -66,7 +66,7 @@ def common_args(workspace: Path, output: Path, **overrides) -> list[str]:
         "trace_samples": True,
     }
     values.update(overrides)
-    args = ["--cpu"]
+    args = ["--cpu"] if cpu else []  # DeepSpeed finds the CPU itself; Accelerator(cpu=True) would bypass it
     for key, value in values.items():
         args += [f"--{key}", str(value)]
     return args

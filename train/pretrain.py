@@ -149,6 +149,9 @@ def build_model(model_args, config: CheXficientConfig) -> CheXficientModel:
         from train.init_towers import load_pretrained_towers
 
         load_pretrained_towers(model, model_args.init_vision_from, model_args.init_text_from)
+    mask_token = getattr(model.vision_model.embeddings, "mask_token", None)
+    if mask_token is not None:  # only masked-image modelling uses it; DDP rejects parameters without gradients
+        mask_token.requires_grad_(False)
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
