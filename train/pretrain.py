@@ -717,6 +717,10 @@ def finish(
         )
         summary["test"] = test
         accelerator.print(f"test zero-shot macro AUROC: {test['macro_auroc']:.4f} on {test['num_images']} images")
+        for label, auroc in test["per_class_auroc"].items():
+            accelerator.print(f"  {label:<20} {auroc:.3f}")
+        if test["skipped_classes"]:
+            accelerator.print(f"  (no positives or no negatives, skipped: {', '.join(test['skipped_classes'])})")
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the model to {final_dir}")
