@@ -24,19 +24,25 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modeling_chexficient import CheXficientModel  # noqa: E402
-from processing_chexficient import CheXficientProcessor  # noqa: E402
+from transformers import BertTokenizerFast  # noqa: E402
+
 from train.curation import concat_normalized  # noqa: E402
 from train.data import ImageReportCollator, ImageReportDataset, load_pairs  # noqa: E402
 
+from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
+from modeling_chexficient import CheXficientModel  # noqa: E402
 
-def run_arm(name: str, out_dir: Path, common: list[str], extra: list[str]) -> dict:
+
+def run_arm(name: str, out_dir: Path, common: list[str], extra: list[str], reuse: bool = False) -> dict:
     output = out_dir / name
+    if reuse and (output / "summary.json").exists():
+        print(f"[{name}] reusing {output / 'summary.json'}")
+        return json.loads((output / "summary.json").read_text())
     command = [sys.executable, str(ROOT / "train" / "pretrain.py"), *common, "--output_dir", str(output), *extra]
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
     start = time.time()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = json.loads((output / "summary.json").read_text())
     summary["wall_seconds"] = round(time.time() - start, 1)
     return summary
@@ -46,13 +52,14 @@ def run_arm(name: str, out_dir: Path, common: list[str], extra: list[str]) -> di
 def embed_training_pairs(model_dir: Path, manifest: str, image_root: str) -> tuple[torch.Tensor, list[str]]:
     """Concatenated normalised [image ; text] embeddings of every training pair, by the curated model."""
     model = CheXficientModel.from_pretrained(model_dir).eval()
-    processor = CheXficientProcessor.from_pretrained(model_dir)
+    image_processor = CheXficientImageProcessor.from_pretrained(model_dir)
+    tokenizer = BertTokenizerFast.from_pretrained(model_dir)
     pairs = load_pairs(manifest, image_root=image_root)
-    size = processor.image_processor.crop_size["height"]
+    size = image_processor.crop_size["height"]
     loader = torch.utils.data.DataLoader(
-        ImageReportDataset(pairs, processor.image_processor),
+        ImageReportDataset(pairs, image_processor),
         batch_size=128,
-        collate_fn=ImageReportCollator(processor.tokenizer, (size, size)),
+        collate_fn=ImageReportCollator(tokenizer, (size, size)),
     )
     features = []
     for batch in loader:
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's num_epochs")
     parser.add_argument("--knn", type=int, default=5)
     parser.add_argument("--random-draws", type=int, default=50, help="random subsets for the kNN comparison")
+    parser.add_argument("--reuse", action="store_true", help="reuse arms whose summary.json already exists")
     parser.add_argument("pretrain_args", nargs=argparse.REMAINDER, help="further train/pretrain.py arguments")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -109,10 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
         common += ["--num_epochs", str(args.epochs)]
     common += [a for a in args.pretrain_args if a != "--"]
 
-    curated = run_arm("curated", out_dir, common, [])
+    curated = run_arm("curated", out_dir, common, [], args.reuse)
     ratio = curated["curated_ratio"]
-    random_arm = run_arm("random", out_dir, common, ["--random_subset_ratio", f"{ratio:.6f}"])
-    full = run_arm("full", out_dir, common, ["--curation", "False"])
+    random_arm = run_arm("random", out_dir, common, ["--random_subset_ratio", f"{ratio:.6f}"], args.reuse)
+    full = run_arm("full", out_dir, common, ["--curation", "False"], args.reuse)
 
     arguments = json.loads((out_dir / "curated" / "arguments.json").read_text())
     features, _ = embed_training_pairs(
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     curated_knn = mean_knn_distance(features[subset["indices"]], args.knn)
     generator = torch.Generator().manual_seed(0)
     random_knn = [
-        mean_knn_distance(features[torch.randperm(len(features), generator=generator)[: len(subset["indices"])]], args.knn)
+        mean_knn_distance(
+            features[torch.randperm(len(features), generator=generator)[: len(subset["indices"])]], args.knn
+        )
         for _ in range(args.random_draws)
     ]
     results = {
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "per_class_auroc": summary["test"]["per_class_auroc"],
                 "pairs_trained": summary["pairs_trained"],
                 "steps": summary["steps"],
-                "wall_seconds": summary["wall_seconds"],
+                "wall_seconds": summary.get("wall_seconds", summary["seconds"]),
             }
             for name, summary in (("curated", curated), ("random", random_arm), ("full", full))
         },
@@ -154,11 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out_dir / "curation_vs_random.png")
     for name, arm in results["arms"].items():
-        print(f"{name:>8}: test macro AUROC {arm['test_macro_auroc']:.4f}, {arm['pairs_trained']} pairs trained, "
-              f"{arm['steps']} steps, {arm['wall_seconds']} s")
+        print(
+            f"{name:>8}: test macro AUROC {arm['test_macro_auroc']:.4f}, {arm['pairs_trained']} pairs trained, "
+            f"{arm['steps']} steps, {arm['wall_seconds']} s"
+        )
     knn = results["knn"]
-    print(f"mean {args.knn}-NN distance: curated {knn['curated']:.4f}, random {knn['random_mean']:.4f} "
-          f"± {knn['random_std']:.4f} (curated above {knn['curated_percentile_among_random']:.0f}% of random subsets)")
+    print(
+        f"mean {args.knn}-NN distance: curated {knn['curated']:.4f}, random {knn['random_mean']:.4f} "
+        f"± {knn['random_std']:.4f} (curated above {knn['curated_percentile_among_random']:.0f}% of random subsets)"
+    )
     return results
 
 

@@ -514,6 +514,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (output_dir / "samples.jsonl").open("a") if train_args.trace_samples and accelerator.is_main_process else None
     )
     eval_history: list[dict[str, Any]] = []
+
+    def validate(**where: int) -> None:
+        """Zero-shot AUROC on the held-out manifest, logged and kept for summary.json."""
+        result = evaluate_zero_shot(
+            model, tokenizer, data_args.eval_manifest, data_args.eval_labels, image_processor, data_args, accelerator
+        )
+        eval_history.append({"step": state.global_step, **where, **result})
+        accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
+        accelerator.print(f"step {state.global_step}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}")
+
     start_time = time.time()
     done = False
     counters = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # unreadable images, pairs trained
@@ -594,20 +604,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 and data_args.eval_labels
                 and state.global_step % train_args.eval_steps == 0
             ):
-                result = evaluate_zero_shot(
-                    model,
-                    tokenizer,
-                    data_args.eval_manifest,
-                    data_args.eval_labels,
-                    image_processor,
-                    data_args,
-                    accelerator,
-                )
-                eval_history.append({"step": state.global_step, **result})
-                accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
-                accelerator.print(
-                    f"step {state.global_step}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}"
-                )
+                validate()
             if train_args.save_steps and state.global_step % train_args.save_steps == 0:
                 fold_counters(state, counters)
                 save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
@@ -633,18 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state.epoch = epoch + 1
         state.step_in_epoch = 0
         if data_args.eval_manifest and data_args.eval_labels and not train_args.eval_steps:
-            result = evaluate_zero_shot(
-                model,
-                tokenizer,
-                data_args.eval_manifest,
-                data_args.eval_labels,
-                image_processor,
-                data_args,
-                accelerator,
-            )
-            eval_history.append({"step": state.global_step, "epoch": epoch + 1, **result})
-            accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
-            accelerator.print(f"epoch {epoch + 1}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}")
+            validate(epoch=epoch + 1)
         fold_counters(state, counters)
         if train_args.save_steps is None and epoch + 1 < train_args.num_epochs:
             save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
