@@ -222,3 +222,30 @@ def test_position_embedding_resize_keeps_cls_and_smooth_grids():
     resized = resize_position_embeddings(embeds, 2)
     assert resized.shape == (1, 5, 2) and torch.equal(resized[:, 0], embeds[:, 0])
     assert resize_position_embeddings(embeds, 4) is embeds
+
+
+def test_datasets_source_and_label_only_pseudo_reports(tmp_path, tokenizer):
+    import datasets
+
+    images = [PIL.Image.fromarray(np.full((40, 30), v, dtype=np.uint8)) for v in (10, 120, 240)]
+    table = datasets.Dataset.from_dict(
+        {
+            "image": images,
+            "id": ["p1", "p2", "p3"],
+            "Cardiomegaly": [1.0, 0.0, None],
+            "Edema": [0.0, -1.0, 1.0],
+        }
+    )
+    table.save_to_disk(tmp_path / "arrow")
+    mapped = datasets.load_from_disk(tmp_path / "arrow")  # memory-mapped Arrow, decoded one row at a time
+    pairs = load_pairs(mapped, image_column="image", label_columns=["Cardiomegaly", "Edema"])
+    assert pairs.ids == ["p1", "p2", "p3"] and pairs.images == [0, 1, 2]
+    assert "cardiomegaly" in pairs.texts[0].lower() and "edema" in pairs.texts[0].lower()
+    assert "cardiomegaly" not in pairs.texts[2].lower()  # missing label: no sentence
+    assert pairs.texts == load_pairs(mapped, image_column="image", label_columns=["Cardiomegaly", "Edema"]).texts
+    dataset = ImageReportDataset(pairs, CheXficientImageProcessor(size={"shortest_edge": 28}))
+    batch = ImageReportCollator(tokenizer, (28, 28))([dataset[i] for i in range(3)])
+    assert batch["valid"].all() and batch["pixel_values"].shape == (3, 3, 28, 28)
+    assert batch["pixel_values"][0].mean() < batch["pixel_values"][2].mean()  # the images came through in order
+    with pytest.raises(ValueError, match="missing label column"):
+        load_pairs(mapped, image_column="image", label_columns=["Pneumothorax"])
