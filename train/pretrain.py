@@ -251,7 +251,7 @@ def superbatch_step(model, batch, curator, curating: bool, seed: int, step: int,
         keep = selection.keep & valid
     loss = curated_clip_loss(all_images, all_texts, logit_scale, keep)
     kept_features = concat_normalized(all_images[keep].detach(), all_texts[keep].detach()) if curating else None
-    return loss, keep, indices, valid, kept_features
+    return loss, keep, indices, valid, kept_features, logit_scale.detach()
 
 
 def accumulate_step(model, batch, curator, curating: bool, seed: int, step: int, chunk_size: int, accelerator):
@@ -279,7 +279,7 @@ def accumulate_step(model, batch, curator, curating: bool, seed: int, step: int,
     image_embeds, text_embeds, logit_scale = embed(model, selected)
     loss = curated_clip_loss(image_embeds, text_embeds, logit_scale)
     kept_features = concat_normalized(image_embeds.detach(), text_embeds.detach()) if curating else None
-    return loss, keep, indices, valid, kept_features
+    return loss, keep, indices, valid, kept_features, logit_scale.detach()
 
 
 # ----- evaluation and export ----------------------------------------------------------------------------------------
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     logger.warning(f"skipped unreadable image {sample_id}: {reason}")
             with accelerator.autocast():
                 if accumulate:
-                    loss, keep, indices, valid, kept = accumulate_step(
+                    loss, keep, indices, valid, kept, out_scale = accumulate_step(
                         model,
                         batch,
                         curator,
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         accelerator,
                     )
                 else:
-                    loss, keep, indices, valid, kept = superbatch_step(
+                    loss, keep, indices, valid, kept, out_scale = superbatch_step(
                         model, batch, curator, curating, train_args.seed, state.global_step, accelerator
                     )
             accelerator.backward(loss)
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "loss": loss.detach().float().item(),
                     "lr": scheduler.get_last_lr()[0],
                     "kept_fraction": float(keep.float().mean()),
-                    "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
+                    "logit_scale": out_scale.exp().item(),
                 }
                 if curating_enabled:
                     logs["curated_pairs"] = int(curator.curated_ids().numel())
@@ -690,8 +690,9 @@ def finish(
         "validation": eval_history,
     }
     subset_ids = curator.curated_ids() if curating_enabled else sampler.curated_ids
+    state_dict = accelerator.get_state_dict(model)  # on every process: gathers ZeRO-3 shards
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(final_dir, safe_serialization=True)
+        unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
         CheXficientProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(final_dir)
         image_processor.save_pretrained(final_dir)
         subset = write_subset(final_dir / SUBSET_FILENAME, subset_ids.cpu(), pairs, data_args.train_manifest)
