@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
-from transformers import BatchEncoding, ProcessorMixin
+from transformers import AutoTokenizer, BatchEncoding, ProcessorMixin
+
+
+try:
+    from .image_processing_chexficient import CheXficientImageProcessor
+except ImportError:  # imported as a top-level module from a checkout
+    from image_processing_chexficient import CheXficientImageProcessor
 
 
 class CheXficientProcessor(ProcessorMixin):
@@ -57,6 +65,23 @@ class CheXficientProcessor(ProcessorMixin):
         if images is not None:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchEncoding(data=encoding, tensor_type=return_tensors)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CheXficientProcessor:
+        """Load the image processor and tokenizer of a saved folder (or Hub repo) directly.
+
+        Called on this class, no remote code has to be trusted: the image processor is this file's sibling and the
+        tokenizer a transformers class. `AutoProcessor.from_pretrained(..., trust_remote_code=True)` ends up here too.
+        """
+        kwargs.pop("trust_remote_code", None)
+        image_processor = CheXficientImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+        max_length = 256
+        config_path = os.path.join(os.fspath(pretrained_model_name_or_path), "processor_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as handle:
+                max_length = json.load(handle).get("max_length", max_length)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, max_length=max_length)
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -110,3 +110,13 @@ def test_processor_pads_right_and_truncates(tokenizer):
     assert batch["input_ids"].shape == (2, 6)  # truncated at max_length, padded to the longest
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]  # right padding: [CLS] no pneumothorax [SEP]
     assert batch["input_ids"][1, -1].item() == tokenizer.sep_token_id  # truncation keeps the final [SEP]
+
+
+def test_processor_class_loads_a_folder_without_trusting_remote_code(tmp_path, tokenizer):
+    CheXficientProcessor(
+        CheXficientImageProcessor(size={"shortest_edge": 28}), tokenizer, max_length=100
+    ).save_pretrained(tmp_path)
+    loaded = CheXficientProcessor.from_pretrained(tmp_path)  # stdin is closed: a trust prompt would fail the test
+    assert type(loaded.image_processor) is CheXficientImageProcessor
+    assert loaded.image_processor.size == {"shortest_edge": 28} and loaded.max_length == 100
+    assert loaded(text=["no pneumothorax"])["input_ids"].tolist() == tokenizer(["no pneumothorax"])["input_ids"]
