@@ -84,6 +84,12 @@ def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return result
 
 
+def launch_two_processes(launcher_args: list[str], script_args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of train/pretrain.py on two local processes."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+    return run([*launcher, *launcher_args, "train/pretrain.py", *script_args])
+
+
 def read_trace(output: Path) -> dict[int, dict]:
     """Step -> record; a later line for the same step (written after a resume) wins."""
     records = {}
@@ -157,23 +163,9 @@ def test_killed_run_resumes_without_repeating_or_losing_samples(workspace):
 
 def test_two_processes_over_gloo_share_one_super_batch(workspace):
     output = workspace / "two"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "train/pretrain.py",
-            *common_args(workspace, output, per_device_batch_size=12, num_epochs=2),
-        ]
+    launch_two_processes(
+        ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"],
+        common_args(workspace, output, per_device_batch_size=12, num_epochs=2),
     )
     trace = read_trace(output)
     first = trace[1]
@@ -185,21 +177,9 @@ def test_two_processes_over_gloo_share_one_super_batch(workspace):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_cpu(workspace, stage):
     output = workspace / f"zero{stage}"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--use_deepspeed",
-            "--num_processes",
-            "2",
-            "--deepspeed_config_file",
-            f"train/configs/deepspeed_zero{stage}.json",
-            "--num_machines",
-            "1",
-            "train/pretrain.py",
-            *common_args(workspace, output, cpu=False, per_device_batch_size=12, num_epochs=2),
-        ]
+    launch_two_processes(
+        ["--use_deepspeed", "--deepspeed_config_file", f"train/configs/deepspeed_zero{stage}.json"],
+        common_args(workspace, output, cpu=False, per_device_batch_size=12, num_epochs=2),
     )
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] > 0
