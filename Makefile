@@ -2,7 +2,7 @@
 PYTHON ?= python
 VENV ?= .venv
 
-.PHONY: setup demo test quality style
+.PHONY: setup demo eval-demo test quality style
 
 setup:  ## install torch (CPU wheel) first, then the project with every extra the tests need
 	$(PYTHON) -m pip install torch==2.13.0
@@ -10,6 +10,17 @@ setup:  ## install torch (CPU wheel) first, then the project with every extra th
 
 demo:  ## curated pretraining of a tiny model on the built-in phantoms; prints the zero-shot result
 	accelerate launch --num_processes 1 --cpu train/pretrain.py --config demo_tiny --cpu
+
+EVAL_OUT ?= outputs/eval_demo
+EVAL_MODEL ?= outputs/demo/final
+eval-demo:  ## every evaluation task on the demo model and the phantoms, then the results section (after `make demo`)
+	$(PYTHON) -m eval.zero_shot --model $(EVAL_MODEL) --dataset phantom --root outputs/demo/phantoms --out_dir $(EVAL_OUT)
+	$(PYTHON) -m eval.retrieval --model $(EVAL_MODEL) --dataset phantom --root outputs/demo/phantoms --out_dir $(EVAL_OUT)
+	$(PYTHON) -m eval.linear_probe --model $(EVAL_MODEL) --dataset phantom --root outputs/demo/phantoms --out_dir $(EVAL_OUT)
+	$(PYTHON) -m train.phantoms outputs/phantom_seg --segmentation --num-train 160 --num-val 40 --num-test 80
+	$(PYTHON) -m eval.segmentation --model $(EVAL_MODEL) --dataset phantom_segmentation --root outputs/phantom_seg \
+		--out_dir $(EVAL_OUT) --epochs 10 --decoder_channels 64,32,16,16,16
+	$(PYTHON) -m eval.report $(EVAL_OUT)
 
 test:  ## the test suite (offline, CPU)
 	$(PYTHON) -m pytest -q tests

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "arms": {
             name: {
                 "test_macro_auroc": summary["test"]["macro_auroc"],
-                "per_class_auroc": summary["test"]["per_class_auroc"],
+                "per_class_auroc": summary["test"]["auroc"],
                 "pairs_trained": summary["pairs_trained"],
                 "steps": summary["steps"],
                 "wall_seconds": summary.get("wall_seconds", summary["seconds"]),

@@ -21,7 +21,7 @@ from transformers import BertTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.zero_shot import multilabel_auroc  # noqa: E402
+from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
 from train.data import read_manifest  # noqa: E402
 from train.phantoms import PHANTOM_FINDINGS  # noqa: E402
 
@@ -72,17 +72,17 @@ def main(argv: list[str] | None = None) -> dict:
     targets = test[labels].to_numpy(dtype=float)
     results = {
         "model": args.model,
-        "paper_protocol": multilabel_auroc(
-            targets, scores(model, tokenizer, image_embeds, [zero_shot_prompts(c) for c in labels]), labels
+        "paper_protocol": multilabel_auc(
+            scores(model, tokenizer, image_embeds, [zero_shot_prompts(c) for c in labels]), targets, labels
         ),
-        "report_style": multilabel_auroc(
-            targets, scores(model, tokenizer, image_embeds, [REPORT_STYLE[c] for c in labels]), labels
+        "report_style": multilabel_auc(
+            scores(model, tokenizer, image_embeds, [REPORT_STYLE[c] for c in labels]), targets, labels
         ),
     }
     print(f"{'finding':<18} {'paper prompts':>14} {'report style':>13}")
     for label in labels:
-        paper = results["paper_protocol"]["per_class_auroc"].get(label)
-        report = results["report_style"]["per_class_auroc"].get(label)
+        paper = results["paper_protocol"]["auroc"].get(label)
+        report = results["report_style"]["auroc"].get(label)
         if paper is not None:
             print(f"{label:<18} {paper:>14.3f} {report:>13.3f}")
     print(

@@ -1,12 +1,87 @@
-"""Zero-shot classification with the released model's protocol: "{c}" vs "no {c}", softmax over raw cosines."""
+"""Zero-shot classification with the released model's protocol, with bootstrap confidence intervals.
+
+For each finding c the image embedding is compared with the prompts "{c}" and "no {c}" ("there is Finding" for
+No Finding); a softmax over the two raw cosine similarities (no logit scale) gives p(c). Other prompt templates and
+prompt ensembles (text embeddings averaged over templates) are options beyond the paper.
+
+    python -m eval.zero_shot --model outputs/demo/final --dataset phantom --root outputs/demo/phantoms
+    python -m eval.zero_shot --model DIR --dataset chexpert --root /data/chexlocalize --prompts report
+
+Writes `zero_shot_<dataset>.json` (per-class and macro AUROC/AUPRC with CIs, skipped files) and a markdown table.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+
+PromptPairs = tuple[tuple[str, str], ...]
+
+PAPER_PROMPTS: PromptPairs = (("{c}", "no {c}"),)
+REPORT_PROMPTS: PromptPairs = (
+    ("There is {c_lower}.", "There is no {c_lower}."),
+    ("{c} is present.", "No {c_lower}."),
+    ("Findings consistent with {c_lower}.", "No evidence of {c_lower}."),
+)
+PROMPT_PRESETS: dict[str, PromptPairs] = {"paper": PAPER_PROMPTS, "report": REPORT_PROMPTS}
+
+
+def load_prompts(spec: str) -> PromptPairs:
+    """A preset name ("paper", "report") or a JSON file holding a list of [positive, negative] template pairs.
+
+    Templates use `{c}` (the label as written) and `{c_lower}` (lower-cased).
+    """
+    if spec in PROMPT_PRESETS:
+        return PROMPT_PRESETS[spec]
+    try:
+        with open(spec) as handle:
+            pairs = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--prompts {spec!r} is neither a preset {sorted(PROMPT_PRESETS)} nor a file."
+        ) from None
+    if not (isinstance(pairs, list) and pairs and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
+        raise ValueError(f"{spec}: expected a non-empty JSON list of [positive, negative] template pairs.")
+    return tuple((str(p), str(n)) for p, n in pairs)
+
+
+def prompt_pairs(label: str, templates: PromptPairs = PAPER_PROMPTS) -> list[tuple[str, str]]:
+    """The (positive, negative) prompts of one label; the paper preset uses the released model's exact prompts."""
+    from modeling_chexficient import zero_shot_prompts
+
+    if tuple(templates) == PAPER_PROMPTS:
+        return [zero_shot_prompts(label)]
+    return [
+        (pos.format(c=label, c_lower=label.lower()), neg.format(c=label, c_lower=label.lower()))
+        for pos, neg in templates
+    ]
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    model: Any, tokenizer: Any, labels: Sequence[str], templates: PromptPairs = PAPER_PROMPTS, max_length: int = 256
+) -> torch.Tensor:
+    """Prompt embeddings [C, 2, D] (positive, negative), averaged over the templates and re-normalised."""
+    from eval.common import encode_texts
+
+    pairs = [prompt_pairs(label, templates) for label in labels]
+    texts = [prompt for label_pairs in pairs for pair in label_pairs for prompt in pair]  # C x T x 2
+    embeds = encode_texts(model, tokenizer, texts, max_length=max_length)
+    embeds = embeds.view(len(labels), len(pairs[0]), 2, -1).mean(dim=1)  # [C, 2, D]
+    return torch.nn.functional.normalize(embeds, dim=-1)
+
+
+def zero_shot_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """p(finding) [N, C]: softmax over the raw cosines with the positive and negative prompt ([N, D], [C, 2, D])."""
+    cosine = torch.einsum("nd,ckd->nck", image_embeds.float(), text_embeds.float())  # [N, C, 2]
+    return cosine.softmax(dim=-1)[..., 0]
 
 
 def zero_shot_probabilities(
@@ -14,33 +89,144 @@ def zero_shot_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities [N, C] of every label for every valid image in `batches`, and the row indices [N] used.
 
-    Each batch needs `pixel_values` and may carry `valid` (bool [B]) and `sample_index` ([B]).
+    Each batch needs `pixel_values` and may carry `valid` (bool [B]) and `sample_index` ([B]). Used by periodic
+    evaluation during pretraining, where the batches come from the training collator.
     """
     probabilities, indices = [], []
     with torch.no_grad():
         for batch in batches:
             pixel_values = batch["pixel_values"].to(device)
             valid = batch.get("valid", torch.ones(len(pixel_values), dtype=torch.bool)).to(device)
-            image_embeds = model.get_image_features(pixel_values)
-            probs = model.zero_shot_classify(labels, tokenizer, image_embeds=image_embeds)
+            probs = model.zero_shot_classify(labels, tokenizer, image_embeds=model.get_image_features(pixel_values))
             probabilities.append(probs[valid].float().cpu())
             index = batch.get("sample_index", torch.arange(len(pixel_values)))
             indices.append(index[valid.cpu()])
     return torch.cat(probabilities).numpy(), torch.cat(indices).numpy()
 
 
-def multilabel_auroc(targets: np.ndarray, scores: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
-    """Per-class and macro AUROC; targets of -1 are masked, classes with one label value are skipped and named."""
-    from sklearn.metrics import roc_auc_score
+def evaluate_zero_shot(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    *,
+    num_resamples: int = 500,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUROC and AUPRC (per class and macro) of `scores` [N, C] against `targets` [N, C] in {1, 0, -1}, with
+    percentile-bootstrap CIs over images."""
+    from eval.bootstrap import bootstrap_ci
+    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
-    per_class: dict[str, float] = {}
-    skipped: list[str] = []
-    for c, label in enumerate(labels):
-        mask = targets[:, c] >= 0
-        column = targets[mask, c]
-        if len(np.unique(column)) < 2:
-            skipped.append(label)
-            continue
-        per_class[label] = float(roc_auc_score(column, scores[mask, c]))
-    macro = float(np.mean(list(per_class.values()))) if per_class else float("nan")
-    return {"macro_auroc": macro, "per_class_auroc": per_class, "skipped_classes": skipped}
+    point = multilabel_auc(scores, targets, labels)
+    intervals = bootstrap_ci(
+        lambda rows: multilabel_auc(scores[rows], targets[rows], labels),
+        len(scores),
+        num_resamples=num_resamples,
+        seed=seed,
+        progress=num_resamples > 0,
+    )
+    return {
+        "macro_auroc": intervals["macro_auroc"],
+        "macro_auprc": intervals["macro_auprc"],
+        "auroc": {label: intervals[f"auroc/{label}"] for label in point["auroc"]},
+        "auprc": {label: intervals[f"auprc/{label}"] for label in point["auprc"]},
+        "skipped_classes": point["skipped_classes"],
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Per-class AUROC / AUPRC with 95% CIs and the macro row."""
+    from eval.common import format_ci
+
+    metrics = result["metrics"]
+    lines = [
+        f"### Zero-shot classification: {result['dataset']} ({result['split']}, {result['num_images']} images)",
+        "",
+        "| finding | AUROC (95% CI) | AUPRC (95% CI) |",
+        "|---|---|---|",
+    ]
+    for label in result["labels"]:
+        if label in metrics["auroc"]:
+            lines.append(f"| {label} | {format_ci(metrics['auroc'][label])} | {format_ci(metrics['auprc'][label])} |")
+        else:
+            lines.append(f"| {label} | skipped (one label value) | |")
+    lines.append(f"| **macro** | **{format_ci(metrics['macro_auroc'])}** | **{format_ci(metrics['macro_auprc'])}** |")
+    if result["skipped_files"]:
+        lines += ["", f"{len(result['skipped_files'])} unreadable file(s) skipped; see the JSON."]
+    return "\n".join(lines)
+
+
+# ----- command line ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ZeroShotArguments:
+    model: str = field(metadata={"help": "CheXficient folder (save_pretrained / converter output)."})
+    dataset: str = field(metadata={"help": "Dataset adapter name, e.g. chexpert, mimic, nih, vindr_cxr, phantom."})
+    root: str = field(metadata={"help": "Root folder of the dataset in its official layout."})
+    split: str = field(default="test", metadata={"help": "Dataset split."})
+    out_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON and markdown go."})
+    prompts: str = field(
+        default="paper", metadata={"help": "Prompt preset (paper, report) or a JSON file of [positive, negative]."}
+    )
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    num_resamples: int = field(default=500, metadata={"help": "Bootstrap resamples for the CIs."})
+    seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
+
+
+def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:
+    """Evaluate, write `zero_shot_<dataset>.json` and `.md` under `args.out_dir`, and return the result."""
+    from eval.common import ImageFileDataset, encode_images, load_model_and_processor, write_results
+    from eval.datasets import load_classification
+
+    templates = load_prompts(args.prompts)
+    data = load_classification(args.dataset, args.root, split=args.split)
+    loaded = load_model_and_processor(args.model, device=args.device)
+    if not loaded.is_chexficient:
+        raise ValueError(f"{args.model}: zero-shot classification needs a CheXficient model with a text tower.")
+    encoded = encode_images(
+        ImageFileDataset(data.image_paths, loaded.image_processor),
+        loaded.model.get_image_features,
+        loaded.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=f"zero-shot {data.name}",
+    )
+    text_embeds = class_text_embeddings(loaded.model, loaded.tokenizer, data.labels, templates)
+    scores = zero_shot_scores(encoded.features, text_embeds).numpy()
+    targets = data.targets[encoded.indices]
+    result = {
+        "task": "zero_shot",
+        "dataset": data.name,
+        "split": args.split,
+        "model": args.model,
+        "labels": list(data.labels),
+        "protocol": {"prompts": [list(p) for p in templates], "score": "softmax over (cos_pos, cos_neg), no scale"},
+        "num_images": int(len(encoded.indices)),
+        "num_resamples": args.num_resamples,
+        "seed": args.seed,
+        "metrics": evaluate_zero_shot(scores, targets, data.labels, num_resamples=args.num_resamples, seed=args.seed),
+        "skipped_files": encoded.skipped,
+    }
+    markdown = markdown_table(result)
+    write_results(result, markdown, args.out_dir, f"zero_shot_{data.name}")
+    print(markdown)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    from eval.common import setup_logging
+
+    setup_logging()
+    (args,) = HfArgumentParser(ZeroShotArguments).parse_args_into_dataclasses(
+        args=list(sys.argv[1:] if argv is None else argv)
+    )
+    return run_zero_shot(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,3 +55,17 @@ def tokenizer() -> BertTokenizerFast:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def save_tiny_model(folder, **config_overrides):
+    """Save a tiny random CheXficient with its processor and tokenizer (28 px images) to `folder`; returns it."""
+    from image_processing_chexficient import CheXficientImageProcessor
+    from modeling_chexficient import CheXficientModel
+    from processing_chexficient import CheXficientProcessor
+
+    model = CheXficientModel(tiny_config(**config_overrides)).eval()
+    model.save_pretrained(folder)
+    CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tiny_tokenizer()).save_pretrained(
+        folder
+    )
+    return model

@@ -8,6 +8,7 @@ near-duplicates, a few mismatched reports and a few corrupt files, as real corpo
 by seed.
 
     python -m train.phantoms outputs/phantoms --num-train 2000 --num-test 400
+    python -m train.phantoms outputs/phantom_seg --segmentation --num-train 160 --num-val 40 --num-test 80
 """
 
 from __future__ import annotations
@@ -142,6 +143,24 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
     }
 
 
+def _patient_coordinates(a: Mapping[str, float], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates [H, W] in the patient's frame (shifted, rotated and scaled by the anatomy)."""
+    grid = (np.arange(image_size) + 0.5) / image_size * 2 - 1
+    y0, x0 = np.meshgrid(grid, grid, indexing="ij")
+    cos, sin = np.cos(a["angle"]), np.sin(a["angle"])
+    x = (cos * x0 - sin * y0) / a["scale"] - a["shift_x"]
+    y = (sin * x0 + cos * y0) / a["scale"] - a["shift_y"]
+    return x, y
+
+
+def _lung_mask(x: np.ndarray, y: np.ndarray, a: Mapping[str, float], s: int) -> np.ndarray:
+    return _ellipse(x, y, s * 0.37, -0.05, a["lung_w"], a["lung_h"], 0.04)
+
+
+def _heart_mask(x: np.ndarray, y: np.ndarray, a: Mapping[str, float], enlarged: bool) -> np.ndarray:
+    return _ellipse(x, y, 0.07, 0.24, a["heart_w"] * (1.55 if enlarged else 1.0), 0.27, 0.04)
+
+
 def render_phantom(
     labels: Mapping[str, int],
     rng: np.random.Generator,
@@ -156,24 +175,19 @@ def render_phantom(
     a = dict(anatomy) if anatomy is not None else _anatomy(rng)
     side = 1 if rng.random() < 0.5 else -1  # which lung the unilateral findings affect (image left/right)
     noise_rng = np.random.default_rng(int(rng.integers(2**31)))  # independent of how many findings draw
-    grid = (np.arange(image_size) + 0.5) / image_size * 2 - 1
-    y0, x0 = np.meshgrid(grid, grid, indexing="ij")
-    cos, sin = np.cos(a["angle"]), np.sin(a["angle"])
-    x = (cos * x0 - sin * y0) / a["scale"] - a["shift_x"]
-    y = (sin * x0 + cos * y0) / a["scale"] - a["shift_y"]
+    x, y = _patient_coordinates(a, image_size)
     texture_rng = np.random.default_rng(int(a["texture_seed"]))
 
     body = _ellipse(x, y, 0.0, 0.08, 0.86, 1.05, 0.05)
     image = 0.05 + 0.33 * body
-    lungs = [_ellipse(x, y, s * 0.37, -0.05, a["lung_w"], a["lung_h"], 0.04) for s in (-1, 1)]
+    lungs = [_lung_mask(x, y, a, s) for s in (-1, 1)]
     lung = np.maximum(*lungs)
     vessels = _blur(texture_rng.standard_normal(x.shape), image_size / 96)
     vessels = vessels / (vessels.std() + 1e-8)
     hilum = np.exp(-(((np.abs(x) - 0.2) / 0.25) ** 2 + (y / 0.35) ** 2))
     markings = 0.03 * np.clip(vessels, 0, None) * (0.4 + hilum)
     image = image - 0.24 * lung + markings * lung
-    heart_w = a["heart_w"] * (1.55 if labels.get("Cardiomegaly") else 1.0)
-    heart = _ellipse(x, y, 0.07, 0.24, heart_w, 0.27, 0.04)
+    heart = _heart_mask(x, y, a, bool(labels.get("Cardiomegaly")))
     image = np.maximum(image, 0.5 * heart + (1 - heart) * image)
     dome_curve = a["dome"] + 0.6 * (np.abs(x) - 0.37) ** 2  # two domes, highest under each lung
     diaphragm = np.clip((y - dome_curve) / 0.03, 0, 1)
@@ -410,6 +424,59 @@ def write_phantom_dataset(
     return result
 
 
+SEGMENTATION_CLASSES: tuple[str, ...] = ("right lung", "left lung", "heart")
+
+
+def phantom_anatomy_masks(
+    anatomy: Mapping[str, float], labels: Mapping[str, int], image_size: int = 256
+) -> np.ndarray:
+    """Bool masks [3, H, W] of the right lung (image left), left lung (image right) and heart of a phantom."""
+    x, y = _patient_coordinates(anatomy, image_size)
+    masks = [_lung_mask(x, y, anatomy, -1), _lung_mask(x, y, anatomy, 1)]
+    masks.append(_heart_mask(x, y, anatomy, bool(labels.get("Cardiomegaly"))))
+    return np.stack(masks) >= 0.5
+
+
+def write_phantom_segmentation(
+    output_dir: str | os.PathLike,
+    *,
+    num_train: int = 160,
+    num_val: int = 40,
+    num_test: int = 80,
+    seed: int = 0,
+    image_size: int = 256,
+) -> Path:
+    """Write a segmentation set of phantoms with lung and heart masks (the JSRT task in miniature).
+
+    Layout: `images/<id>.png`, `masks/<class>/<id>.png` (0 or 255), `segmentation.csv` (id, split) and
+    `segmentation.json` ({"classes": [...], "params": {...}}). Re-running with the same parameters returns at once.
+    """
+    import pandas as pd
+
+    root = Path(output_dir)
+    params = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "seed": seed, "image_size": image_size}
+    meta_path = root / "segmentation.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("params") == params:
+        return root
+    for folder in [root / "images", *(root / "masks" / name for name in SEGMENTATION_CLASSES)]:
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        for i in range(count):
+            rng = np.random.default_rng([seed, _SPLIT_CODES[split], 2, i])
+            labels, anatomy = _sample_labels(rng), _anatomy(rng)
+            sample_id = f"seg-{split}-{i:05d}"
+            PIL.Image.fromarray(render_phantom(labels, rng, image_size, anatomy=anatomy)).save(
+                root / "images" / f"{sample_id}.png"
+            )
+            for name, mask in zip(SEGMENTATION_CLASSES, phantom_anatomy_masks(anatomy, labels, image_size)):
+                PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / name / f"{sample_id}.png")
+            rows.append({"id": sample_id, "split": split})
+    pd.DataFrame(rows).to_csv(root / "segmentation.csv", index=False)
+    meta_path.write_text(json.dumps({"classes": list(SEGMENTATION_CLASSES), "params": params}, indent=2))
+    return root
+
+
 def phantom_datasets(output_dir: str | os.PathLike, **kwargs):
     """The phantoms as a `datasets.DatasetDict` (image paths, reports, labels)."""
     import datasets
@@ -431,7 +498,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16))
+    parser.add_argument(
+        "--segmentation",
+        action="store_true",
+        help="Write the lung/heart segmentation set instead (--num-train, --num-val and --num-test images).",
+    )
+    parser.add_argument("--num-val", type=int, default=40, help="Validation images of the segmentation set.")
     args = parser.parse_args(argv)
+    if args.segmentation:
+        root = write_phantom_segmentation(
+            args.output_dir,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            seed=args.seed,
+            image_size=args.image_size,
+        )
+        print(f"segmentation phantoms with {', '.join(SEGMENTATION_CLASSES)} masks: {root}")
+        return
     written = write_phantom_dataset(
         args.output_dir,
         num_train=args.num_train,

@@ -31,7 +31,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
-from eval.zero_shot import multilabel_auroc, zero_shot_probabilities
+from eval.metrics import load_metric
+from eval.zero_shot import zero_shot_probabilities
 from train.arguments import MODEL_PRESETS, parse_arguments
 from train.curation import concat_normalized
 from train.curator import CurationConfig, PrototypeCurator
@@ -312,7 +313,7 @@ def evaluate_zero_shot(model, tokenizer, manifest: str, labels, image_processor,
     unwrapped.eval()
     scores, rows = zero_shot_probabilities(unwrapped, tokenizer, loader, labels, accelerator.device)
     unwrapped.train(was_training)
-    result = multilabel_auroc(targets[rows], scores, labels)
+    result = load_metric("multilabel_auc").compute(predictions=scores, references=targets[rows], labels=list(labels))
     result["num_images"] = int(len(rows))
     return result
 
@@ -704,7 +705,7 @@ def finish(
         )
         summary["test"] = test
         accelerator.print(f"test zero-shot macro AUROC: {test['macro_auroc']:.4f} on {test['num_images']} images")
-        for label, auroc in test["per_class_auroc"].items():
+        for label, auroc in test["auroc"].items():
             accelerator.print(f"  {label:<20} {auroc:.3f}")
         if test["skipped_classes"]:
             accelerator.print(f"  (no positives or no negatives, skipped: {', '.join(test['skipped_classes'])})")

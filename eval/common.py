@@ -1,0 +1,243 @@
+"""What every evaluation task shares: loading a model, encoding images with skipped-file reporting, writing results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
+
+ImageSourceReader = Callable[[int], Any]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: CheXficient (image + text towers) or any HF image encoder."""
+
+    model: torch.nn.Module
+    image_processor: Any
+    tokenizer: Any | None
+    is_chexficient: bool
+    path: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def image_features(self, pixel_values: torch.Tensor, kind: str = "embedding") -> torch.Tensor:
+        """Image features [B, D]: CheXficient's normalised embedding (`kind="embedding"`) or the backbone's pooled
+        output (`kind="backbone"`; the only kind for a plain HF encoder)."""
+        if self.is_chexficient and kind == "embedding":
+            return self.model.get_image_features(pixel_values)
+        if kind not in ("embedding", "backbone"):
+            raise ValueError(f"feature kind must be 'embedding' or 'backbone', got {kind!r}.")
+        encoder = self.model.vision_model if self.is_chexficient else self.model
+        output = encoder(pixel_values=pixel_values)
+        pooled = getattr(output, "pooler_output", None)
+        return pooled if pooled is not None else output.last_hidden_state[:, 0]
+
+    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All hidden states of the image tower ([B, 1 + tokens, H] each, embeddings first)."""
+        encoder = self.model.vision_model if self.is_chexficient else self.model
+        return encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """ "auto" -> CUDA when present, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_and_processor(
+    path: str | os.PathLike, device: str = "auto", revision: str | None = None
+) -> LoadedModel:
+    """Load a saved CheXficient folder (model, image processor, tokenizer) or any HF image encoder, in eval mode."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from modeling_chexficient import CheXficientModel
+    from processing_chexficient import CheXficientProcessor
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json; pass a folder written by save_pretrained.")
+    target = resolve_device(device)
+    if _is_chexficient(path):
+        model = CheXficientModel.from_pretrained(path, revision=revision)
+        processor = CheXficientProcessor.from_pretrained(path, revision=revision)
+        image_processor, tokenizer, is_chexficient = processor.image_processor, processor.tokenizer, True
+    else:
+        model = AutoModel.from_pretrained(path, revision=revision)
+        image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
+        tokenizer, is_chexficient = None, False
+    return LoadedModel(model.to(target).eval(), image_processor, tokenizer, is_chexficient, path)
+
+
+def _is_chexficient(path: str) -> bool:
+    """True for a CheXficient folder; a Hub id or a folder of another model type is loaded with the Auto classes."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return True  # a Hub repo id: CheXficient's own loader gives the clearest error
+    with open(config_file) as handle:
+        return json.load(handle).get("model_type") == "chexficient"
+
+
+# ----- images ---------------------------------------------------------------------------------------------------------
+
+
+def preprocess_image(image_processor: Any, source: Any, name: str) -> np.ndarray:
+    """One image -> pixel values [3, H, W] float32 with the model's processor.
+
+    CheXficient's processor decodes every format itself. Any other HF image processor gets the image decoded by
+    CheXficient's loader (PNG, JPEG, 16-bit, DICOM) and converted to 8-bit RGB first.
+    """
+    if hasattr(image_processor, "process_one"):
+        return image_processor.process_one(source, name=name)
+    from image_processing_chexficient import load_image
+
+    image = load_image(source, name)
+    if not isinstance(image, PIL.Image.Image):  # float array in [0, 1] from high-bit-depth data
+        image = PIL.Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).squeeze())
+    return image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images with the model's image processor; a bad file yields an error, not a crash.
+
+    `sources` are paths (PNG/JPEG/16-bit/DICOM) or, with `reader`, indices passed to `reader(i)` (e.g. raw JSRT).
+    """
+
+    def __init__(self, sources: Sequence[str], image_processor: Any, reader: ImageSourceReader | None = None):
+        self.sources = list(sources)
+        self.image_processor = image_processor
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = str(self.sources[index])
+        try:
+            source = self.reader(index) if self.reader is not None else name
+            pixels = preprocess_image(self.image_processor, source, name)
+            return {"index": index, "pixel_values": torch.from_numpy(np.asarray(pixels, dtype=np.float32))}
+        except (OSError, ValueError, RuntimeError) as error:  # unreadable, corrupt or unsupported files
+            return {"index": index, "error": f"{type(error).__name__}: {error}"}
+
+
+def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decodable images of a batch; keep the errors of the others."""
+    good = [item for item in items if "pixel_values" in item]
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else None,
+        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
+        "errors": [(item["index"], item["error"]) for item in items if "error" in item],
+    }
+
+
+@dataclass
+class EncodedImages:
+    """Per-image outputs of a batched pass, the dataset rows they belong to, and the files that were skipped."""
+
+    features: torch.Tensor  # [N_ok, ...] on the CPU
+    indices: np.ndarray  # [N_ok] rows of the dataset
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+
+
+@torch.no_grad()
+def encode_images(
+    dataset: ImageFileDataset,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    desc: str = "encoding images",
+) -> EncodedImages:
+    """Run `encode(pixel_values)` over the dataset in batches; unreadable files are logged and skipped."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images, shuffle=False
+    )
+    features, indices, skipped = [], [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        for index, error in batch["errors"]:
+            skipped.append({"path": str(dataset.sources[index]), "error": error})
+        if batch["pixel_values"] is None:
+            continue
+        outputs = encode(batch["pixel_values"].to(device, non_blocking=True))
+        features.append(outputs.float().cpu())
+        indices.append(batch["index"])
+    for item in skipped:
+        logger.warning("skipped %s (%s)", item["path"], item["error"])
+    if not features:
+        raise RuntimeError(f"none of the {len(dataset)} images could be read; first error: {skipped[:1]}")
+    return EncodedImages(torch.cat(features), torch.cat(indices).numpy(), skipped)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 256, max_length: int = 256
+) -> torch.Tensor:
+    """Normalised text embeddings [T, D] of `texts` in batches (CPU float32)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="encoding texts", unit="batch", leave=False):
+        tokens = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        outputs.append(model.get_text_features(**tokens).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+# ----- results --------------------------------------------------------------------------------------------------------
+
+
+def format_ci(entry: dict[str, float], digits: int = 3) -> str:
+    """ "0.812 (0.790–0.833)" from a bootstrap/seed entry, or the bare value when no CI exists."""
+    value = entry.get("value", entry.get("mean"))
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def write_results(result: dict[str, Any], markdown: str, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """Write `<stem>.json` and `<stem>.md` under `out_dir`; returns their paths."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / f"{stem}.json", "markdown": folder / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    paths["markdown"].write_text(markdown.rstrip() + "\n")
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

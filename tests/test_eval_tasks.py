@@ -1,0 +1,354 @@
+"""Each evaluation task end to end on small phantom sets with a tiny model, plus the protocol checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_model
+
+from eval.common import ImageFileDataset, encode_images, load_model_and_processor
+from eval.retrieval import deduplicate_texts, evaluate_retrieval
+from eval.zero_shot import PAPER_PROMPTS, class_text_embeddings, load_prompts, prompt_pairs, zero_shot_scores
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from train.phantoms import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(root, num_train=60, num_test=40, image_size=64)  # 3 corrupt training files
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    save_tiny_model(folder)
+    return folder
+
+
+# ----- protocol checks on fixed embeddings ----------------------------------------------------------------------------
+
+
+def test_zero_shot_scores_are_a_softmax_over_raw_cosines():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]])  # one class: positive, negative prompt
+    expected = [math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)), math.exp(0.8) / (math.exp(0.8) + math.exp(0.6))]
+    np.testing.assert_allclose(zero_shot_scores(image, text)[:, 0].numpy(), expected, rtol=1e-6)
+
+
+def test_paper_prompts_are_the_released_models(config, tokenizer):
+    from modeling_chexficient import CheXficientModel
+
+    assert prompt_pairs("Edema") == [("Edema", "no Edema")]
+    assert prompt_pairs("No Finding") == [("No Finding", "there is Finding")]
+    assert prompt_pairs("Edema", load_prompts("report"))[0] == ("There is edema.", "There is no edema.")
+    model = CheXficientModel(config).eval()
+    labels = ["Pneumothorax", "Cardiomegaly", "No Finding"]
+    text = class_text_embeddings(model, tokenizer, labels, PAPER_PROMPTS)
+    torch.testing.assert_close(text, model.get_zero_shot_text_embeds(labels, tokenizer), atol=1e-6, rtol=1e-5)
+    pixel_values = torch.randn(3, 3, 28, 28)
+    image = model.get_image_features(pixel_values)
+    torch.testing.assert_close(
+        zero_shot_scores(image, text), model.zero_shot_classify(labels, tokenizer, pixel_values=pixel_values)
+    )
+
+
+def test_prompt_files_are_validated(tmp_path):
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps([["{c} seen", "no {c_lower}"]]))
+    assert load_prompts(str(good)) == (("{c} seen", "no {c_lower}"),)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"positive": "{c}"}))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_prompts(str(bad))
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load_prompts("nonexistent")
+
+
+def test_retrieval_deduplicates_texts_and_ranks_both_directions():
+    texts, ids = deduplicate_texts(["a", "b", "a", "c"])
+    assert texts == ["a", "b", "c"] and ids.tolist() == [0, 1, 0, 2]
+    image = torch.eye(3)[[0, 1, 2, 2]]  # image 3 looks like text "c" but its report is "a"
+    text = torch.eye(3)
+    result = evaluate_retrieval(image, text, np.array([0, 1, 2, 0]), k=(1, 2), num_resamples=20)
+    i2t, t2i = result["image_to_text"], result["text_to_image"]
+    assert i2t["recall@1"]["value"] == 0.75 and i2t["mean_rank"]["value"] == pytest.approx((1 + 1 + 1 + 2) / 4)
+    assert t2i["recall@1"]["value"] == 1.0 and t2i["num_queries"] == 3 and t2i["gallery_size"] == 4
+
+
+# ----- tasks end to end -----------------------------------------------------------------------------------------------
+
+
+def test_encode_images_skips_and_reports_unreadable_files(phantoms, model_dir):
+    loaded = load_model_and_processor(model_dir, device="cpu")
+    paths = [str(phantoms / "images" / "test" / f"test-{i:06d}.png") for i in range(3)]
+    bad = phantoms / "not_an_image.png"
+    bad.write_text("a report, not an image")
+    encoded = encode_images(
+        ImageFileDataset(paths[:2] + [str(bad)] + paths[2:], loaded.image_processor),
+        loaded.model.get_image_features,
+        loaded.device,
+        batch_size=2,
+    )
+    assert encoded.indices.tolist() == [0, 1, 3]
+    assert encoded.skipped[0]["path"] == str(bad) and "not_an_image.png" in encoded.skipped[0]["error"]
+    direct = loaded.model.get_image_features(loaded.image_processor(paths)["pixel_values"])
+    torch.testing.assert_close(encoded.features, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_shot_cli_end_to_end(phantoms, model_dir, tmp_path):
+    from eval.zero_shot import main
+
+    result = main(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "phantom",
+            "--root",
+            str(phantoms),
+            "--out_dir",
+            str(tmp_path),
+            "--num_resamples",
+            "30",
+            "--batch_size",
+            "16",
+        ]
+    )
+    written = json.loads((tmp_path / "zero_shot_phantom.json").read_text())
+    assert written["num_images"] == 40 and written["metrics"] == json.loads(json.dumps(result["metrics"]))
+    macro = written["metrics"]["macro_auroc"]
+    assert 0 <= macro["ci_low"] <= macro["value"] <= macro["ci_high"] <= 1
+    assert "Fracture" in written["metrics"]["skipped_classes"] or "Fracture" in written["metrics"]["auroc"]
+    assert "| **macro** |" in (tmp_path / "zero_shot_phantom.md").read_text()
+    # The CLI's scores are the model's own zero-shot probabilities.
+    from eval.datasets import load_classification
+
+    data = load_classification("phantom", phantoms, "test")
+    loaded = load_model_and_processor(model_dir, device="cpu")
+    probs = loaded.model.zero_shot_classify(
+        data.labels, loaded.tokenizer, pixel_values=loaded.image_processor(data.image_paths)["pixel_values"]
+    ).numpy()
+    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+
+    assert macro["value"] == pytest.approx(multilabel_auc(probs, data.targets, data.labels)["macro_auroc"], abs=1e-6)
+
+
+def test_retrieval_cli_end_to_end(phantoms, model_dir, tmp_path):
+    from eval.retrieval import main
+
+    main(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "phantom",
+            "--root",
+            str(phantoms),
+            "--out_dir",
+            str(tmp_path),
+            "--num_resamples",
+            "20",
+        ]
+    )
+    written = json.loads((tmp_path / "retrieval_phantom.json").read_text())
+    assert written["num_images"] == 40 and 1 <= written["num_texts"] <= 40
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [written["metrics"][direction][f"recall@{k}"]["value"] for k in (1, 5, 10)]
+        assert recalls == sorted(recalls) and 0 <= recalls[0] and recalls[-1] <= 1
+    assert "text to image" in (tmp_path / "retrieval_phantom.md").read_text()
+
+
+def test_linear_probe_cli_caches_features_and_reports_seeds(phantoms, model_dir, tmp_path, monkeypatch):
+    from eval import linear_probe
+
+    argv = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "phantom",
+        "--root",
+        str(phantoms),
+        "--out_dir",
+        str(tmp_path),
+        "--label_fractions",
+        "0.5,1.0",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "3",
+        "--num_resamples",
+        "20",
+    ]
+    first = linear_probe.main(argv)
+    assert first["num_train"] + first["num_val"] == 57  # 60 training phantoms, 3 corrupt files skipped
+    assert sorted(p.suffix for p in (tmp_path / "features").iterdir()) == [
+        ".json",
+        ".json",
+        ".safetensors",
+        ".safetensors",
+    ]
+    for entry in first["metrics"].values():
+        assert [run["seed"] for run in entry["runs"]] == [0, 1]
+        assert entry["macro_auroc"]["num_seeds"] == 2
+        assert entry["macro_auroc"]["ci_low"] <= entry["macro_auroc"]["mean"] <= entry["macro_auroc"]["ci_high"]
+    assert first["metrics"]["0.5"]["num_train"] == round(0.5 * first["num_train"])
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr("eval.common.encode_images", no_encoding)
+    second = linear_probe.main(argv)
+    assert second["metrics"]["1"]["macro_auroc"] == first["metrics"]["1"]["macro_auroc"]
+
+
+def test_linear_head_learns_separable_features():
+    from eval.linear_probe import FeatureSplit, train_linear_head
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, size=(200, 2)).astype(np.float32)
+    features = torch.from_numpy(np.concatenate([targets * 2 - 1, rng.normal(size=(200, 6))], 1).astype(np.float32))
+    targets[:10, 1] = -1  # uncertain labels are left out of the loss
+    split = FeatureSplit(features, targets, [str(i) for i in range(200)])
+    head, history = train_linear_head(split, split, epochs=40, batch_size=64, lr=0.05)
+    assert history[-1]["val_macro_auroc"] > 0.99
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_segmentation_cli_end_to_end(model_dir, tmp_path):
+    from eval.segmentation import main
+    from train.phantoms import write_phantom_segmentation
+
+    root = write_phantom_segmentation(tmp_path / "seg", num_train=8, num_val=4, num_test=4, image_size=64)
+    result = main(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "phantom_segmentation",
+            "--root",
+            str(root),
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--epochs",
+            "3",
+            "--decoder_channels",
+            "16,8,8,8,8",
+            "--batch_size",
+            "4",
+            "--num_resamples",
+            "20",
+        ]
+    )
+    assert result["num_levels"] == 3  # the tiny encoder has 2 layers: 3 hidden states
+    assert len(result["history"]) == 3 and result["metrics"]["num_images"] == 4
+    assert set(result["metrics"]["dice"]) == {"right lung", "left lung", "heart"}
+    assert 0 <= result["metrics"]["mean_dice"]["value"] <= 1
+    assert (tmp_path / "out" / "segmentation_phantom_segmentation.json").exists()
+
+
+def test_unet_decoder_returns_raw_logits_at_the_input_size():
+    from eval.segmentation import UNetDecoder, patch_feature_maps
+
+    decoder = UNetDecoder(hidden_size=12, num_classes=3, channels=(16, 8, 8)).eval()
+    states = [torch.randn(2, 1 + 9, 12) for _ in range(4)]  # CLS + 3x3 patches, 4 hidden states
+    maps = patch_feature_maps(states, 3, (3, 3))
+    assert [m.shape for m in maps] == [torch.Size([2, 12, 3, 3])] * 3
+    torch.testing.assert_close(maps[0], states[-1][:, 1:].transpose(1, 2).reshape(2, 12, 3, 3))
+    logits = decoder(maps, (42, 42))
+    assert logits.shape == (2, 3, 42, 42)
+    assert logits.min() < 0 < logits.max()  # no sigmoid / ReLU on the output
+    assert isinstance(list(decoder.children())[-1], torch.nn.Conv2d)
+
+
+def test_mask_geometry_follows_the_image_processor():
+    from eval.segmentation import mask_to_model_grid
+
+    from image_processing_chexficient import CheXficientImageProcessor
+
+    processor = CheXficientImageProcessor(size={"shortest_edge": 10})
+    masks = np.zeros((1, 40, 20), dtype=bool)
+    masks[0, 18:22, :] = True  # a band across the middle survives the centre crop
+    out = mask_to_model_grid(masks, processor)
+    assert out.shape == (1, 10, 10) and out[0, 4:6].all() and not out[0, :3].any()
+
+
+def test_report_aggregates_results_into_a_card_section(phantoms, model_dir, tmp_path):
+    from eval.report import main as report_main
+    from eval.report import model_index_entries
+    from eval.retrieval import main as retrieval_main
+    from eval.zero_shot import main as zero_shot_main
+
+    common = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "phantom",
+        "--root",
+        str(phantoms),
+        "--out_dir",
+        str(tmp_path),
+        "--num_resamples",
+        "10",
+    ]
+    zero_shot_main(common)
+    retrieval_main(common)
+    markdown = report_main([str(tmp_path)])
+    assert "Zero-shot classification" in markdown and "Image-report retrieval" in markdown
+    assert "| phantom | 40 |" in markdown and "per_class_auroc.png" in markdown
+    assert (tmp_path / "per_class_auroc.png").stat().st_size > 1000
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert {e["task_type"] for e in index} == {"zero-shot-image-classification", "image-text-retrieval"}
+    assert index == json.loads(
+        json.dumps(
+            model_index_entries(
+                [json.loads((tmp_path / f).read_text()) for f in ("zero_shot_phantom.json", "retrieval_phantom.json")]
+            )
+        )
+    )
+
+
+def test_linear_probe_takes_any_hf_image_encoder(phantoms, tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from eval import linear_probe
+
+    folder = tmp_path / "dinov2"
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    loaded = load_model_and_processor(folder, device="cpu")
+    assert not loaded.is_chexficient and loaded.tokenizer is None
+    result = linear_probe.main(
+        [
+            "--model",
+            str(folder),
+            "--dataset",
+            "phantom",
+            "--root",
+            str(phantoms),
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--features",
+            "backbone",
+            "--label_fractions",
+            "1.0",
+            "--seeds",
+            "0",
+            "--epochs",
+            "2",
+            "--num_resamples",
+            "10",
+        ]
+    )
+    assert result["num_test"] == 40 and 0 <= result["metrics"]["1"]["macro_auroc"]["mean"] <= 1
+    with pytest.raises(ValueError, match="text tower"):
+        from eval.zero_shot import main as zero_shot_main
+
+        zero_shot_main(["--model", str(folder), "--dataset", "phantom", "--root", str(phantoms)])
