@@ -6,7 +6,7 @@ VENV ?= .venv
 
 setup:  ## install torch (CPU wheel) first, then the project with every extra the tests need
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[train,eval,deepspeed,dev]"
+	$(PYTHON) -m pip install -e ".[train,eval,deepspeed,dev,inference]"
 
 demo:  ## curated pretraining of a tiny model on the built-in phantoms; prints the zero-shot result
 	accelerate launch --num_processes 1 --cpu train/pretrain.py --config demo_tiny --cpu

@@ -10,8 +10,10 @@ from transformers import AutoTokenizer, BatchEncoding, ProcessorMixin
 
 
 try:
+    from .configuration_chexficient import CheXficientConfig
     from .image_processing_chexficient import CheXficientImageProcessor
 except ImportError:  # imported as a top-level module from a checkout
+    from configuration_chexficient import CheXficientConfig
     from image_processing_chexficient import CheXficientImageProcessor
 
 
@@ -75,7 +77,10 @@ class CheXficientProcessor(ProcessorMixin):
         """
         kwargs.pop("trust_remote_code", None)
         image_processor = CheXficientImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+        # A config object stops AutoTokenizer from re-reading config.json as a generic config (a spurious warning).
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=False, **{"config": CheXficientConfig(), **kwargs}
+        )
         max_length = 256
         config_path = os.path.join(os.fspath(pretrained_model_name_or_path), "processor_config.json")
         if os.path.isfile(config_path):

@@ -184,7 +184,9 @@ def evaluate_linear_probe(
             scores = torch.sigmoid(head(test.features.float())).numpy()
         point = multilabel_auc(scores, test.targets, labels)
         interval = bootstrap_ci(
-            lambda r, s=scores: {"macro_auroc": multilabel_auc(s[r], test.targets[r], labels, with_auprc=False)["macro_auroc"]},
+            lambda r, s=scores: {
+                "macro_auroc": multilabel_auc(s[r], test.targets[r], labels, with_auprc=False)["macro_auroc"]
+            },
             len(scores),
             num_resamples=num_resamples,
             seed=seed,

@@ -130,9 +130,9 @@ def test_bootstrap_percentiles_match_a_direct_computation():
 def test_bootstrap_leaves_undefined_resamples_out():
     truth = np.array([1] + [0] * 9)  # most resamples lose the single positive: AUROC undefined there
     scores = np.linspace(1, 0, 10)
-    result = bootstrap_ci(
-        lambda rows: multilabel_auc(scores[rows], truth[rows]), 10, num_resamples=200, seed=0
-    )["macro_auroc"]
+    result = bootstrap_ci(lambda rows: multilabel_auc(scores[rows], truth[rows]), 10, num_resamples=200, seed=0)[
+        "macro_auroc"
+    ]
     assert result["value"] == 1.0
     assert 0 < result["num_resamples"] < 200
 

@@ -1,0 +1,218 @@
+"""The inference engine: a CheXficient model and processor loaded once, placed and typed for the hardware.
+
+CUDA: bf16 weights and SDPA attention, pinned host memory and asynchronous copies, results read back one batch late
+so that the GPU never waits on Python. CPU: fp32, or int8 dynamic quantisation of every `nn.Linear`.
+`torch.compile` is optional on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inputs import Batch
+from image_processing_chexficient import CheXficientImageProcessor
+from modeling_chexficient import CheXficientModel
+from processing_chexficient import CheXficientProcessor
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "fp32", "bf16", "int8")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """ "auto" picks CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """ "auto" is bf16 on CUDA and fp32 on CPU; int8 (dynamic quantisation) runs on CPU only."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}.")
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError("--dtype int8 (dynamic quantisation) runs on the CPU only; use bf16 on a GPU.")
+    return dtype
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantisation, in place, of every `nn.Linear` (weights int8, activations quantised per batch)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)  # no second fp32 copy in memory
+
+
+def load_processor(model_dir: str | os.PathLike) -> tuple[CheXficientImageProcessor, Any]:
+    """The folder's image processor and, when saved there, its tokenizer (None otherwise)."""
+    try:
+        processor = CheXficientProcessor.from_pretrained(model_dir)
+        return processor.image_processor, processor.tokenizer
+    except (OSError, ValueError, TypeError) as error:
+        logger.info("%s: no full processor (%s); loading the image processor alone.", model_dir, error)
+        return CheXficientImageProcessor.from_pretrained(model_dir), None
+
+
+@dataclass
+class EngineInfo:
+    device: str
+    dtype: str
+    compiled: bool
+    image_size: int
+    projection_dim: int
+
+
+class InferenceEngine:
+    """Batched image embedding and zero-shot classification with one loaded model.
+
+    `forward_calls` counts image-tower forwards (the server's micro-batching is tested with it).
+    """
+
+    def __init__(
+        self,
+        model: CheXficientModel,
+        image_processor: CheXficientImageProcessor,
+        tokenizer: Any = None,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        model = model.eval().requires_grad_(False)
+        if self.dtype == "int8":
+            model = quantize_int8(model.float())
+        else:
+            model = model.to(self.device, torch.bfloat16 if self.dtype == "bf16" else torch.float32)
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.input_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        self.compiled = compile
+        self._image_fn = torch.compile(model.get_image_features, dynamic=False) if compile else None
+        self._compiled_batch: int | None = None
+        self.forward_calls = 0
+        vision = model.config.vision_config
+        self.image_size = int(vision.image_size)
+        self.projection_dim = int(model.config.projection_dim)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+    ) -> InferenceEngine:
+        """Load the model, image processor and tokenizer from a local folder (never from the Hub)."""
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"--model {model_dir}: no such folder.")
+        resolved = resolve_device(device)
+        attn = "sdpa"  # both towers support it; on CUDA it dispatches to flash / memory-efficient kernels
+        model = CheXficientModel.from_pretrained(model_dir, attn_implementation=attn, local_files_only=True)
+        image_processor, tokenizer = load_processor(model_dir)
+        return cls(model, image_processor, tokenizer, device=resolved, dtype=dtype, compile=compile)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(str(self.device), self.dtype, self.compiled, self.image_size, self.projection_dim)
+
+    # ----- embedding --------------------------------------------------------------------------------------------
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self._image_fn is None:
+            return self.model.get_image_features(pixel_values)
+        # A compiled graph is specialised to one batch size: pad short batches instead of recompiling.
+        count = pixel_values.shape[0]
+        if self._compiled_batch is None:
+            self._compiled_batch = count
+        if count > self._compiled_batch:
+            chunks = pixel_values.split(self._compiled_batch)
+            return torch.cat([self._forward(chunk) for chunk in chunks])
+        if count < self._compiled_batch:
+            padding = pixel_values.new_zeros((self._compiled_batch - count, *pixel_values.shape[1:]))
+            pixel_values = torch.cat([pixel_values, padding])
+        return self._image_fn(pixel_values)[:count]
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings [B, D] (float32, on the engine's device) of preprocessed `pixel_values`."""
+        pixel_values = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
+        self.forward_calls += 1
+        return self._forward(pixel_values).float()
+
+    def embed_numpy(self, pixel_values: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embeddings [B, D] as a float32 numpy array on the host."""
+        if isinstance(pixel_values, np.ndarray):
+            pixel_values = torch.from_numpy(pixel_values)
+        return self.embed_pixels(pixel_values).cpu().numpy()
+
+    def iter_embeddings(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        """(batch, embeddings [len(batch.indices), D] or None) for each batch, in order.
+
+        On CUDA the copy back to the host is asynchronous into pinned memory and a batch's result is waited for only
+        after the next batch has been queued, so decode, transfer and compute overlap without per-batch stalls.
+        """
+        pending: tuple[Batch, torch.Tensor | None, torch.cuda.Event | None] | None = None
+        cuda = self.device.type == "cuda"
+        for batch in batches:
+            host, event = None, None
+            if batch.pixel_values is not None:
+                embeds = self.embed_pixels(batch.pixel_values)
+                if cuda:
+                    host = torch.empty(embeds.shape, dtype=embeds.dtype, pin_memory=True)
+                    host.copy_(embeds, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host = embeds
+            if not cuda:
+                yield batch, None if host is None else host.numpy()
+                continue
+            if pending is not None:
+                yield self._finish(pending)
+            pending = (batch, host, event)
+        if pending is not None:
+            yield self._finish(pending)
+
+    @staticmethod
+    def _finish(pending: tuple[Batch, torch.Tensor | None, Any]) -> tuple[Batch, np.ndarray | None]:
+        batch, host, event = pending
+        if event is not None:
+            event.synchronize()
+        return batch, None if host is None else host.numpy()
+
+    # ----- zero-shot ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def classify_embeds(self, image_embeds: torch.Tensor | np.ndarray, labels: Sequence[str]) -> np.ndarray:
+        """Zero-shot probabilities [B, C] (the model's `zero_shot_classify`) from image embeddings."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer, so zero-shot classification is unavailable.")
+        if isinstance(image_embeds, np.ndarray):
+            image_embeds = torch.from_numpy(image_embeds)
+        image_embeds = image_embeds.to(self.device)
+        probs = self.model.zero_shot_classify(list(labels), self.tokenizer, image_embeds=image_embeds)
+        return probs.float().cpu().numpy()
+
+
+def parse_labels(labels: str | Sequence[str]) -> list[str]:
+    """'Pneumothorax,Cardiomegaly' or a list -> a clean, de-duplicated label list (order kept)."""
+    parts = labels.split(",") if isinstance(labels, str) else list(labels)
+    cleaned = list(dict.fromkeys(p.strip() for p in parts if p and p.strip()))
+    if not cleaned:
+        raise ValueError("labels: give at least one finding, e.g. 'Pneumothorax,Cardiomegaly'.")
+    return cleaned
+
+
+__all__ = ["DTYPES", "EngineInfo", "InferenceEngine", "load_processor", "parse_labels", "quantize_int8"]
