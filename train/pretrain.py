@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -286,8 +287,17 @@ def accumulate_step(model, batch, curator, curating: bool, seed: int, step: int,
 # ----- evaluation and export ----------------------------------------------------------------------------------------
 
 
-def evaluate_zero_shot(model, tokenizer, manifest: str, labels, image_processor, data_args, accelerator) -> dict:
-    """Zero-shot macro AUROC on a labelled manifest, computed identically on every process."""
+@dataclass
+class ZeroShotEvalSet:
+    """A labelled manifest read once: a loader over its images and its label matrix [N, C]."""
+
+    loader: torch.utils.data.DataLoader
+    targets: np.ndarray
+    labels: list[str]
+
+
+def build_eval_set(manifest: str, labels, tokenizer, image_processor, data_args) -> ZeroShotEvalSet:
+    """Read a labelled manifest (image column + one column per label) into a `ZeroShotEvalSet`."""
     frame = read_manifest(manifest)
     missing = [c for c in [data_args.image_column, *labels] if c not in frame.columns]
     if missing:
@@ -299,7 +309,6 @@ def evaluate_zero_shot(model, tokenizer, manifest: str, labels, image_processor,
         else list(map(str, frame.index))
     )
     pairs = PairTable(ids=ids, images=[str(root / p) for p in frame[data_args.image_column]], texts=[""] * len(frame))
-    targets = frame[list(labels)].to_numpy(dtype=float)
     collator = ImageReportCollator(tokenizer, _crop_size(image_processor), data_args.max_text_length)
     loader = torch.utils.data.DataLoader(
         ImageReportDataset(pairs, image_processor),
@@ -308,12 +317,19 @@ def evaluate_zero_shot(model, tokenizer, manifest: str, labels, image_processor,
         num_workers=0,
         generator=torch.Generator(),  # leaves the global RNG (dropout) untouched
     )
+    return ZeroShotEvalSet(loader, frame[list(labels)].to_numpy(dtype=float), list(labels))
+
+
+def evaluate_zero_shot(model, tokenizer, eval_set: ZeroShotEvalSet, accelerator) -> dict:
+    """Zero-shot macro AUROC on `eval_set`, computed identically on every process."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    scores, rows = zero_shot_probabilities(unwrapped, tokenizer, loader, labels, accelerator.device)
+    scores, rows = zero_shot_probabilities(unwrapped, tokenizer, eval_set.loader, eval_set.labels, accelerator.device)
     unwrapped.train(was_training)
-    result = load_metric("multilabel_auc").compute(predictions=scores, references=targets[rows], labels=list(labels))
+    result = load_metric("multilabel_auc").compute(
+        predictions=scores, references=eval_set.targets[rows], labels=eval_set.labels
+    )
     result["num_images"] = int(len(rows))
     return result
 
@@ -515,12 +531,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (output_dir / "samples.jsonl").open("a") if train_args.trace_samples and accelerator.is_main_process else None
     )
     eval_history: list[dict[str, Any]] = []
+    validation_sets: list[ZeroShotEvalSet] = []  # built at the first evaluation, reused after
 
     def validate(**where: int) -> None:
         """Zero-shot AUROC on the held-out manifest, logged and kept for summary.json."""
-        result = evaluate_zero_shot(
-            model, tokenizer, data_args.eval_manifest, data_args.eval_labels, image_processor, data_args, accelerator
-        )
+        if not validation_sets:
+            validation_sets.append(
+                build_eval_set(data_args.eval_manifest, data_args.eval_labels, tokenizer, image_processor, data_args)
+            )
+        result = evaluate_zero_shot(model, tokenizer, validation_sets[0], accelerator)
         eval_history.append({"step": state.global_step, **where, **result})
         accelerator.log({"eval/macro_auroc": result["macro_auroc"]}, step=state.global_step)
         accelerator.print(f"step {state.global_step}: validation zero-shot macro AUROC {result['macro_auroc']:.4f}")
@@ -700,9 +719,10 @@ def finish(
         summary["curated_pairs"] = subset["num_curated"]
         summary["curated_ratio"] = subset["ratio"]
     if data_args.test_manifest and data_args.eval_labels:
-        test = evaluate_zero_shot(
-            model, tokenizer, data_args.test_manifest, data_args.eval_labels, image_processor, data_args, accelerator
+        test_set = build_eval_set(
+            data_args.test_manifest, data_args.eval_labels, tokenizer, image_processor, data_args
         )
+        test = evaluate_zero_shot(model, tokenizer, test_set, accelerator)
         summary["test"] = test
         accelerator.print(f"test zero-shot macro AUROC: {test['macro_auroc']:.4f} on {test['num_images']} images")
         for label, auroc in test["auroc"].items():
