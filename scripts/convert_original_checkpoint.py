@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from train.subset import curated_subset_record, write_curated_subset  # noqa: E402
+
 from configuration_chexficient import CheXficientConfig  # noqa: E402
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
 from modeling_chexficient import CheXficientModel  # noqa: E402
@@ -45,7 +47,6 @@ DROPPED_KEYS = frozenset(
         "pending_ema_similarities",
     }
 )
-SUBSET_FILENAME = "curated_subset.json"
 # Checkpoints on disk use DINOv2's original HF names; newer transformers renames the attention in memory.
 _IN_MEMORY_ALIASES = {
     ".attention.attention.query.": ".attention.q_proj.",
@@ -209,18 +210,10 @@ def load_config(path: str | Path | None) -> CheXficientConfig:
 
 
 def write_subset(output: Path, subset: list[int] | None, source: str) -> Path | None:
-    """Write the curated subset ids beside the model as JSON."""
+    """Write the checkpoint's curated subset (indices into the training list it was curated from) beside the model."""
     if subset is None:
         return None
-    path = output / SUBSET_FILENAME
-    record = {
-        "num_ids": len(subset),
-        "source": source,
-        "description": "indices into the training list the checkpoint was curated from",
-        "ids": subset,
-    }
-    path.write_text(json.dumps(record))
-    return path
+    return write_curated_subset(output, curated_subset_record(subset, source=source))
 
 
 def convert(

@@ -203,7 +203,7 @@ def test_cli_writes_a_loadable_folder_with_subset(tmp_path, tokenizer):
     ):
         assert (output / name).exists(), name
     subset = json.loads((output / "curated_subset.json").read_text())
-    assert subset["ids"] == sorted(SUBSET) and subset["num_ids"] == len(SUBSET)
+    assert subset["ids"] == sorted(SUBSET) and subset["num_curated"] == len(SUBSET)
     reloaded = CheXficientModel.from_pretrained(output).eval()
     pixel_values = torch.randn(2, 3, 28, 28)
     with torch.no_grad():

@@ -41,6 +41,7 @@ from train.data import ImageReportCollator, ImageReportDataset, PairTable, load_
 from train.loss import curated_clip_loss, gather_no_grad, gather_with_grad
 from train.optim import build_optimizer_and_schedule
 from train.sampler import CuratingBatchSampler
+from train.subset import curated_subset_record, write_curated_subset
 
 from configuration_chexficient import CheXficientConfig
 from image_processing_chexficient import CheXficientImageProcessor
@@ -49,7 +50,6 @@ from processing_chexficient import CheXficientProcessor
 
 
 logger = get_logger(__name__)
-SUBSET_FILENAME = "curated_subset.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
 
 
@@ -336,20 +336,6 @@ def evaluate_zero_shot(model, tokenizer, eval_set: ZeroShotEvalSet, accelerator)
 
 def _crop_size(image_processor: CheXficientImageProcessor) -> tuple[int, int]:
     return image_processor.crop_size["height"], image_processor.crop_size["width"]
-
-
-def write_subset(path: Path, curator_ids: torch.Tensor, pairs: PairTable, manifest: str | None) -> dict[str, Any]:
-    indices = curator_ids.tolist()
-    record = {
-        "num_curated": len(indices),
-        "num_candidates": len(pairs),
-        "ratio": len(indices) / max(len(pairs), 1),
-        "manifest": manifest,
-        "ids": [pairs.ids[i] for i in indices],
-        "indices": indices,
-    }
-    path.write_text(json.dumps(record))
-    return record
 
 
 def fold_counters(state: TrainState, counters: torch.Tensor) -> None:
@@ -715,7 +701,11 @@ def finish(
         unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
         CheXficientProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(final_dir)
         image_processor.save_pretrained(final_dir)
-        subset = write_subset(final_dir / SUBSET_FILENAME, subset_ids.cpu(), pairs, data_args.train_manifest)
+        indices = subset_ids.cpu().tolist()
+        subset = curated_subset_record(
+            indices, [pairs.ids[i] for i in indices], len(pairs), source=data_args.train_manifest
+        )
+        write_curated_subset(final_dir, subset)
         summary["curated_pairs"] = subset["num_curated"]
         summary["curated_ratio"] = subset["ratio"]
     if data_args.test_manifest and data_args.eval_labels:
