@@ -1,0 +1,314 @@
+"""LLaVA-Rad on the frozen CheXficient image encoder, as a stock transformers `LlavaForConditionalGeneration`.
+
+The vision tower is transformers' `Dinov2Model` holding CheXficient's image-encoder weights; LLaVA-Rad's feature
+path (`mm_vision_select_layer -2`, `mm_vision_select_feature patch`) is `vision_feature_layer=-2` with the
+"default" strategy (CLS dropped): 27 x 27 = 729 patch tokens at 378 px. The projector is LLaVA's `mlp2x_gelu`,
+which is exactly `LlavaMultiModalProjector` (768 -> 4096 -> 4096, exact GELU). The language model is any
+Llama-family causal LM (Vicuna-7B v1.5 by default). Nothing here needs remote code or a LLaVA fork.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Dinov2Model,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from image_processing_chexficient import CheXficientImageProcessor
+from modeling_chexficient import CheXficientVisionModel
+
+
+DEFAULT_LANGUAGE_MODEL = "lmsys/vicuna-7b-v1.5"
+IMAGE_TOKEN = "<image>"
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# Vicuna v1 (LLaVA's `conv_vicuna_v1`, SeparatorStyle.TWO with seps " " and "</s>"): "{system} USER: {user}
+# ASSISTANT: {answer}</s>USER: ...". An image item renders as "<image>\n" ahead of the user's text, as LLaVA's
+# `preprocess_multimodal` places it. The tokenizer adds <s>, so the template does not.
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}{%- else -%}{{- 'ASSISTANT: ' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+# LoRA on the language model's attention and MLP projections only (LLaVA-Rad's `find_all_linear_names` minus the
+# vision and projector linears, which do not exist yet when LLaVA-Rad applies LoRA). PEFT full-matches a string.
+LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PROJECTOR_NAME = "multi_modal_projector"
+PROJECTOR_FILENAME = "projector.safetensors"
+RUN_INFO_FILENAME = "llava_rad.json"
+
+
+@dataclass
+class LlavaRadSources:
+    """Where a LLaVA-Rad model's parts come from; saved next to every stage's output as `llava_rad.json`."""
+
+    chexficient: str
+    language_model: str = DEFAULT_LANGUAGE_MODEL
+    tokenizer: str | None = None
+    image_size: int | None = None
+
+    def save(self, folder: str | os.PathLike, **extra: Any) -> None:
+        data = {**self.__dict__, **extra}
+        Path(folder, RUN_INFO_FILENAME).write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> tuple[LlavaRadSources, dict[str, Any]]:
+        path = Path(folder, RUN_INFO_FILENAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; is {folder} a llava_rad/train.py output folder?")
+        data = json.loads(path.read_text())
+        fields = {k: data.pop(k) for k in list(data) if k in cls.__dataclass_fields__}
+        if "chexficient" not in fields:
+            raise ValueError(f"{path}: missing field 'chexficient'.")
+        return cls(**fields), data
+
+
+def num_image_tokens(image_processor: Any, patch_size: int, strategy: str = "default") -> int:
+    """Image placeholder tokens per image: (crop_h / patch) * (crop_w / patch), plus CLS unless "default" drops it."""
+    crop = image_processor.crop_size
+    height, width = crop["height"], crop["width"]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"crop size {height}x{width} is not a multiple of the patch size {patch_size}.")
+    return (height // patch_size) * (width // patch_size) + (0 if strategy == "default" else 1)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add the `<image>` special token (LLaVA-Rad's sentinel; id = old vocab size) and a pad token (= unk, as Vicuna)."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an unk token; set `tokenizer.pad_token` first.")
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase, image_processor: Any, patch_size: int, strategy: str = "default"
+) -> LlavaProcessor:
+    """`LlavaProcessor` that expands each `<image>` to the tower's patch-token count and knows the Vicuna v1 template."""
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=prepare_tokenizer(tokenizer),
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=VICUNA_V1_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # the CLS token, which the "default" strategy drops again
+    )
+
+
+def load_chexficient_tower(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Dinov2Model:
+    """CheXficient's image encoder (a `Dinov2Model`) from a saved CheXficient folder; the text tower is not loaded."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--chexficient {path}: not a folder holding a saved CheXficient model.")
+    return CheXficientVisionModel.from_pretrained(path, dtype=dtype or torch.float32).vision_model
+
+
+def assemble_llava(
+    vision_tower: Dinov2Model,
+    language_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    image_seq_length: int,
+) -> LlavaForConditionalGeneration:
+    """Put an image tower, a fresh `mlp2x_gelu` projector and a causal LM into one `LlavaForConditionalGeneration`.
+
+    The tower and the LM are moved in as they are (no copy); the skeleton is built on the meta device, so a 7B LM is
+    never allocated twice. The embeddings grow by one row for `<image>` (its row is never read: image features
+    replace it).
+    """
+    tokenizer = prepare_tokenizer(tokenizer)
+    config = LlavaConfig(
+        vision_config=vision_tower.config,
+        text_config=language_model.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_seq_length,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(language_model.config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    base = getattr(language_model, language_model.base_model_prefix, None)
+    if base is None or not isinstance(base, type(model.model.language_model)):
+        raise TypeError(
+            f"{type(language_model).__name__} does not fit LLaVA: expected a causal LM whose "
+            f"`{language_model.base_model_prefix}` is a {type(model.model.language_model).__name__}."
+        )
+    dtype = language_model.dtype
+    model.model.vision_tower = vision_tower
+    model.model.language_model = base
+    model.lm_head = language_model.get_output_embeddings()
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)  # nn.Linear's default init
+    model.config.pad_token_id = tokenizer.pad_token_id
+    leftover = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if leftover:
+        raise RuntimeError(f"parameters left on the meta device: {leftover[:5]}")
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.suppress_tokens = [config.image_token_index]  # never emit a bare image placeholder
+    return model
+
+
+def build_llava_rad(
+    sources: LlavaRadSources,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The untrained LLaVA-Rad: CheXficient tower + fresh projector + pretrained LM, and its processor.
+
+    `sources.image_size` overrides the processor's crop (default: the CheXficient config's image_size, 378 for the
+    released model, whose position table then needs no interpolation).
+    """
+    tower = load_chexficient_tower(sources.chexficient, dtype)
+    vision = tower.config
+    image_size = sources.image_size or vision.image_size
+    image_processor = CheXficientImageProcessor(size={"shortest_edge": image_size})
+    tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer or sources.language_model)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    language_model = AutoModelForCausalLM.from_pretrained(sources.language_model, **kwargs)
+    processor = build_processor(tokenizer, image_processor, vision.patch_size)
+    model = assemble_llava(
+        tower, language_model, processor.tokenizer, num_image_tokens(image_processor, vision.patch_size)
+    )
+    return model, processor
+
+
+def projector(model: nn.Module) -> nn.Module:
+    """The multimodal projector of a LLaVA model, a PEFT-wrapped one included (its trained copy under PEFT)."""
+    for name, module in model.named_modules():
+        if name.endswith(PROJECTOR_NAME):
+            return module
+    raise ValueError(f"{type(model).__name__} has no {PROJECTOR_NAME}.")
+
+
+def save_projector(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save the projector as safetensors with keys linear_1.weight, ... (PEFT's copy when wrapped)."""
+    module = projector(model)
+    state = {k.split("modules_to_save.default.")[-1]: v for k, v in module.state_dict().items()}
+    state = {k: v for k, v in state.items() if "original_module" not in k}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def load_projector(model: LlavaForConditionalGeneration, path: str | os.PathLike) -> None:
+    """Load projector weights saved by `save_projector` (e.g. from the stage-1 folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no projector weights (expected the stage-1 {PROJECTOR_FILENAME}).")
+    module = model.model.multi_modal_projector
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: projector keys do not match (missing {missing}, unexpected {unexpected}).")
+
+
+@torch.no_grad()
+def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's selected features [B, N, H] before the projector, exactly as `get_image_features` picks
+    them (`vision_feature_layer`, CLS dropped by the "default" strategy): what the feature store holds."""
+    config = model.config
+    tower = model.model.vision_tower
+    layers = config.vision_feature_layer
+    outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
+    picked = [outputs.hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+    if config.vision_feature_select_strategy == "default":
+        picked = [h[:, 1:] for h in picked]
+    return torch.cat(picked, dim=-1)
+
+
+def freeze_for_alignment(model: LlavaForConditionalGeneration) -> None:
+    """Stage 1: only the projector trains; tower and LM are frozen (the tower also in eval mode)."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    model.model.vision_tower.eval()
+
+
+def apply_lora(
+    model: LlavaForConditionalGeneration, r: int = 64, alpha: int = 128, dropout: float = 0.05
+) -> torch.nn.Module:
+    """Stage 2: LoRA on the LM's q/k/v/o/gate/up/down, the projector fully trained (PEFT `modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=[PROJECTOR_NAME],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
+    return peft_model
+
+
+__all__ = [
+    "DEFAULT_LANGUAGE_MODEL",
+    "IMAGE_TOKEN",
+    "LORA_TARGET_MODULES",
+    "LlavaRadSources",
+    "VICUNA_V1_CHAT_TEMPLATE",
+    "VICUNA_V1_SYSTEM",
+    "apply_lora",
+    "assemble_llava",
+    "build_llava_rad",
+    "build_processor",
+    "freeze_for_alignment",
+    "load_chexficient_tower",
+    "load_projector",
+    "num_image_tokens",
+    "prepare_tokenizer",
+    "projector",
+    "save_projector",
+    "vision_features",
+]

@@ -1,0 +1,438 @@
+"""LLaVA-Rad's two training stages on the frozen CheXficient encoder, with Accelerate (DeepSpeed ZeRO-2) and PEFT.
+
+    # stage 1, alignment: the projector only, plain template, lr 1e-3, 1 epoch
+    accelerate launch --config_file llava_rad/configs/accelerate_zero2.yaml llava_rad/train.py \
+        --config stage1_align_7b --chexficient CHEXFICIENT_DIR --train_data train.csv --image_root MIMIC_JPG_DIR
+    # stage 2, fine-tuning: LoRA r 64 / alpha 128 on the LM + the full projector, Vicuna v1 template, lr 1e-4, 3 epochs
+    accelerate launch --config_file llava_rad/configs/accelerate_zero2.yaml llava_rad/train.py \
+        --config stage2_finetune_7b --chexficient CHEXFICIENT_DIR --projector_path outputs/llava_rad/stage1 ...
+
+Stage 1 writes `projector.safetensors`; stage 2 writes the PEFT adapter (LoRA + the projector as a module to save)
+under `adapter/`. Both write `llava_rad.json` (where the tower and LM came from) and the processor; export with
+`python -m llava_rad.export`. `--features_dir` encodes the images once with the frozen tower and trains from the
+stored features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+if __package__ in (None, ""):  # `accelerate launch llava_rad/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from llava_rad.data import LlavaRadCollator, LlavaRadDataset, load_examples
+from llava_rad.features import FeatureStore, compute_feature_store, merge_feature_index, tower_fingerprint
+from llava_rad.model import (
+    DEFAULT_LANGUAGE_MODEL,
+    PROJECTOR_FILENAME,
+    LlavaRadSources,
+    apply_lora,
+    build_llava_rad,
+    freeze_for_alignment,
+    load_projector,
+    projector,
+    save_projector,
+)
+
+
+logger = get_logger(__name__)  # inside main(), where Accelerate is initialised
+library_logger = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STAGES = {
+    "align": {"lr": 1e-3, "epochs": 1, "template": "plain"},
+    "finetune": {"lr": 1e-4, "epochs": 3, "template": "v1"},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelArguments:
+    chexficient: str = field(metadata={"help": "saved CheXficient folder whose image encoder becomes the tower"})
+    language_model: str = field(
+        default=DEFAULT_LANGUAGE_MODEL, metadata={"help": "Llama-family causal LM (folder/name)"}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or name (default: the LM's)"})
+    image_size: int | None = field(default=None, metadata={"help": "crop size (default: the CheXficient config's)"})
+    projector_path: str | None = field(
+        default=None, metadata={"help": "stage 2: the stage-1 folder (or its projector.safetensors) to start from"}
+    )
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute LM activations in backward"})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+
+
+@dataclass
+class DataArguments:
+    train_data: str = field(metadata={"help": "LLaVA-Rad conversation .json or (image, findings, indication) .csv"})
+    image_root: str | None = field(default=None, metadata={"help": "folder the image paths are relative to"})
+    frontal_only: bool = field(default=True, metadata={"help": "JSON: keep AP/PA views only"})
+    max_length: int = field(default=2048, metadata={"help": "longest tokenized sequence (image tokens included)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N examples"})
+    features_dir: str | None = field(
+        default=None, metadata={"help": "train from precomputed tower features stored here (computed if missing)"}
+    )
+    feature_dtype: str = field(default="bfloat16", metadata={"help": "dtype of stored features"})
+    feature_batch_size: int = field(default=32, metadata={"help": "images per batch when computing features"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+
+    def __post_init__(self):
+        if self.feature_dtype not in DTYPES:
+            raise ValueError(f"--feature_dtype must be one of {list(DTYPES)}, got {self.feature_dtype!r}.")
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (stage 2)"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (stage 2)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (stage 2)"})
+
+
+@dataclass
+class TrainArguments:
+    stage: str = field(default="align", metadata={"help": "align (stage 1) or finetune (stage 2)"})
+    output_dir: str = field(default="outputs/llava_rad/stage1", metadata={"help": "where the stage's output goes"})
+    template: str | None = field(default=None, metadata={"help": "plain or v1 (default: plain for align, v1 else)"})
+    num_epochs: int | None = field(default=None, metadata={"help": "default: 1 (align) or 3 (finetune)"})
+    learning_rate: float | None = field(default=None, metadata={"help": "default: 1e-3 (align) or 1e-4 (finetune)"})
+    per_device_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up share of the steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (Accelerate)"})
+    cpu: bool = field(default=False, metadata={"help": "force the CPU"})
+    seed: int = field(default=0, metadata={"help": "data order and initialisation"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N optimizer steps"})
+    save_steps: int | None = field(default=None, metadata={"help": "Accelerate checkpoint every N steps"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
+    report_to: str = field(default="none", metadata={"help": "Accelerate tracker (tensorboard, wandb, none)"})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {list(STAGES)}, got {self.stage!r}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
+        defaults = STAGES[self.stage]
+        self.template = self.template or defaults["template"]
+        self.num_epochs = self.num_epochs or defaults["epochs"]
+        self.learning_rate = self.learning_rate or defaults["lr"]
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainArguments)
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainArguments]:
+    """Parse `argv`; `--config FILE.yaml` (or a preset name from llava_rad/configs) supplies defaults first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if "--config" in argv:
+        position = argv.index("--config")
+        if position + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file or preset name.")
+        path = Path(argv[position + 1])
+        if not path.is_file():
+            path = CONFIG_DIR / f"{argv[position + 1].removesuffix('.yaml')}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {argv[position + 1]}: no such file or preset in {CONFIG_DIR}.")
+        del argv[position : position + 2]
+        values = yaml.safe_load(path.read_text()) or {}
+        known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}.")
+        parser.set_defaults(**values)
+        for action in parser._actions:  # settings from the file satisfy required arguments
+            if action.dest in values:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+class LlavaRadForTraining(nn.Module):
+    """One forward for both image sources: `pixel_values` through the live tower, or stored `image_features`
+    through the projector only (handed to Llava as precomputed encoder outputs). Returns the LM loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def tower(self) -> nn.Module:
+        return next(m for n, m in self.model.named_modules() if n.endswith("vision_tower"))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> Any:
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of `pixel_values` or `image_features`.")
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if pixel_values is not None:
+            return self.model(**inputs, pixel_values=pixel_values.to(next(self.tower.parameters()).dtype))
+        mlp = projector(self.model)
+        projected = mlp(image_features.to(next(mlp.parameters()).dtype))  # [B, N, hidden]
+        encoded = BaseModelOutputWithPooling(pooler_output=list(projected))
+        return self.model(**inputs, mm_encoder_outputs={"image": encoded})
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def setup_stage(model: nn.Module, model_args: ModelArguments, lora_args: LoraArguments, stage: str) -> nn.Module:
+    """Freeze for stage 1, or load the stage-1 projector and add LoRA for stage 2; gradient checkpointing."""
+    if model_args.gradient_checkpointing:  # non-reentrant: no input-grad hook needed with frozen embeddings
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if stage == "align":
+        freeze_for_alignment(model)
+        return model
+    if model_args.projector_path:
+        load_projector(model, model_args.projector_path)
+    else:
+        library_logger.warning("stage 2 without --projector_path: the projector starts untrained")
+    return apply_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout)
+
+
+def prepare_features(model, examples, processor, data_args, accelerator) -> FeatureStore:
+    """Open the feature store, computing it first (each process its slice) when it has no index yet."""
+    folder = Path(data_args.features_dir)
+    if not (folder / "index.json").is_file():
+        model.to(accelerator.device)
+        compute_feature_store(
+            model,
+            examples,
+            processor.image_processor,
+            folder,
+            batch_size=data_args.feature_batch_size,
+            dtype=getattr(torch, data_args.feature_dtype),
+            num_workers=data_args.num_workers,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            device=accelerator.device,
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            merge_feature_index(folder, accelerator.num_processes, tower_fingerprint(model))
+        accelerator.wait_for_everyone()
+    store = FeatureStore(folder)
+    store.check(model)
+    return store
+
+
+def find_checkpoint(resume: str, output_dir: Path) -> Path:
+    if resume != "latest":
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder.")
+        return Path(resume)
+    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoints under {output_dir / 'checkpoints'}.")
+    return checkpoints[-1]
+
+
+def save_stage_output(accelerator, module, processor, sources, stage, output_dir: Path, record: dict) -> None:
+    """Stage 1: projector.safetensors. Stage 2: the PEFT adapter (LoRA + projector) in adapter/, and the projector."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(module).model
+    save_projector(model, output_dir / PROJECTOR_FILENAME)
+    if stage == "finetune":
+        model.save_pretrained(output_dir / "adapter")
+    processor.save_pretrained(output_dir / "processor")
+    sources.save(output_dir, stage=stage, **record)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, lora_args, train_args = parse_arguments(argv)
+    output_dir = Path(train_args.output_dir)
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and (train_args.cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=train_args.cpu,
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_dir=str(output_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+    )
+    set_seed(train_args.seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    sources = LlavaRadSources(
+        chexficient=model_args.chexficient,
+        language_model=model_args.language_model,
+        tokenizer=model_args.tokenizer,
+        image_size=model_args.image_size,
+    )
+    model, processor = build_llava_rad(
+        sources, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+    )
+    image_seq_length = model.config.image_seq_length
+    load_kwargs = {"frontal_only": data_args.frontal_only} if data_args.train_data.endswith(".json") else {}
+    examples = load_examples(data_args.train_data, data_args.image_root, **load_kwargs)
+    if data_args.max_train_samples:
+        examples = examples[: data_args.max_train_samples]
+    image_source: dict[str, Any] = {"image_processor": processor.image_processor}
+    if data_args.features_dir:
+        image_source = {"feature_store": prepare_features(model, examples, processor, data_args, accelerator)}
+    dataset = LlavaRadDataset(
+        examples,
+        processor.tokenizer,
+        image_seq_length,
+        template=train_args.template,
+        max_length=data_args.max_length,
+        **image_source,
+    )
+    model = setup_stage(model, model_args, lora_args, train_args.stage)
+    module = LlavaRadForTraining(model)
+    trainable = trainable_parameter_names(module)
+    num_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    logger.info(f"stage {train_args.stage}: {num_trainable:,} trainable parameters in {len(trainable)} tensors")
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=train_args.per_device_batch_size,
+        shuffle=True,
+        collate_fn=LlavaRadCollator(processor.tokenizer.pad_token_id),
+        num_workers=data_args.num_workers,
+        generator=torch.Generator().manual_seed(train_args.seed),
+        drop_last=False,
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=train_args.learning_rate,
+        weight_decay=train_args.weight_decay,
+    )
+    steps_per_epoch = math.ceil(
+        math.ceil(len(loader) / accelerator.num_processes) / train_args.gradient_accumulation_steps
+    )
+    total_steps = steps_per_epoch * train_args.num_epochs
+    if train_args.max_steps:
+        total_steps = min(total_steps, train_args.max_steps)
+    warmup_steps = math.ceil(train_args.warmup_ratio * total_steps)
+    # Accelerate steps a prepared scheduler once per process per optimizer step, so its horizon is in those units.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
+    )
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+
+    global_step, start_epoch, skip_batches = 0, 0, 0
+    if train_args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(train_args.resume_from_checkpoint, output_dir)
+        accelerator.load_state(str(checkpoint))
+        global_step = int(json.loads((checkpoint / "step.json").read_text())["global_step"])
+        start_epoch, done = divmod(global_step, steps_per_epoch)
+        skip_batches = done * train_args.gradient_accumulation_steps
+        logger.info(f"resumed from {checkpoint} at step {global_step}")
+    if accelerator.is_main_process:
+        record = {
+            "model": asdict(model_args),
+            "data": asdict(data_args),
+            "lora": asdict(lora_args),
+            "train": asdict(train_args),
+        }
+        (output_dir / "arguments.json").write_text(json.dumps(record, indent=2))
+    if accelerator.log_with:
+        accelerator.init_trackers("llava_rad", config={k: v for k, v in asdict(train_args).items() if v is not None})
+
+    module.train()
+    accelerator.unwrap_model(module).tower.eval()  # frozen: no dropout / drop-path in the tower
+    losses: list[float] = []
+    running, running_count, started = 0.0, 0, time.time()
+    progress = tqdm(
+        total=total_steps, initial=global_step, desc=f"{train_args.stage}", disable=not accelerator.is_main_process
+    )
+    for epoch in range(start_epoch, train_args.num_epochs):
+        if global_step >= total_steps:
+            break
+        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for batch in epoch_loader:
+            batch.pop("ids")
+            with accelerator.accumulate(module):
+                loss = module(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(module.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running += float(loss.detach())
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            step_loss = float(
+                accelerator.gather(torch.tensor(running / running_count, device=accelerator.device)).mean()
+            )
+            losses.append(step_loss)
+            running, running_count = 0.0, 0
+            if global_step % train_args.logging_steps == 0 or global_step == 1:
+                lr = scheduler.get_last_lr()[0]
+                logger.info(f"epoch {epoch} step {global_step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=global_step)
+            if train_args.save_steps and global_step % train_args.save_steps == 0:
+                checkpoint = output_dir / "checkpoints" / f"step-{global_step}"
+                accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:
+                    (checkpoint / "step.json").write_text(json.dumps({"global_step": global_step}))
+            if global_step >= total_steps:
+                break
+    progress.close()
+
+    summary = {
+        "stage": train_args.stage,
+        "steps": global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "trainable_tensors": len(trainable),
+        "trainable_parameters": num_trainable,
+        "skipped_images": sorted(dataset.skipped),
+        "seconds": round(time.time() - started, 1),
+    }
+    save_stage_output(accelerator, module, processor, sources, train_args.stage, output_dir, {"summary": summary})
+    if accelerator.is_main_process:
+        (output_dir / "losses.json").write_text(json.dumps(losses))
+        logger.info(f"done: {json.dumps(summary)}")
+    accelerator.end_training()
+    return {**summary, "losses": losses}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
