@@ -36,7 +36,8 @@ def bootstrap_ci(
     `metric` takes an index array into the `num_samples` test samples and returns a (nested) dict of metrics; it is
     called once on all samples for the point estimate and `num_resamples` times on samples drawn with replacement.
     A resample where a value is undefined (NaN, e.g. a class with one label value) is left out of that value's
-    interval. Returns {name: {"value", "ci_low", "ci_high", "num_resamples"}}.
+    interval. Returns {name: {"value", "median", "ci_low", "ci_high", "num_resamples"}}; "median" is the resamples'
+    median, which LLaVA-Rad's tables report.
     """
     if num_samples < 1:
         raise ValueError("the bootstrap needs at least one sample.")
@@ -54,9 +55,10 @@ def bootstrap_ci(
     result = {}
     for name, value in point.items():
         defined = draws[name][~np.isnan(draws[name])]
-        low, high = np.percentile(defined, [tail, 100 - tail]) if defined.size else (np.nan, np.nan)
+        low, median, high = np.percentile(defined, [tail, 50, 100 - tail]) if defined.size else (np.nan,) * 3
         result[name] = {
             "value": value,
+            "median": float(median),
             "ci_low": float(low),
             "ci_high": float(high),
             "num_resamples": int(defined.size),

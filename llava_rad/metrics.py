@@ -15,18 +15,18 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eval.bootstrap import bootstrap_ci
 from llava_rad.metric_modules.chexbert_f1.chexbert_f1 import CheXbertLabeler, chexbert_f1_from_labels
 from llava_rad.metric_modules.radgraph_f1.radgraph_f1 import radgraph_f1_scores
 from llava_rad.metric_modules.report_bertscore.report_bertscore import bertscore_f1
@@ -45,38 +45,6 @@ def load_metric(name: str):
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown metric {name!r}; the report metrics are {list(METRIC_NAMES)}.")
     return evaluate.load(str(METRICS_DIR / name))
-
-
-def bootstrap(
-    statistic: Callable[[np.ndarray], Mapping[str, float]],
-    num_samples: int,
-    *,
-    num_resamples: int = 500,
-    confidence: float = 0.95,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap over reports: `statistic(indices)` on all reports ("value") and on `num_resamples`
-    resamples drawn with replacement ("median", "ci_low", "ci_high"), as LLaVA-Rad's tables (median, 95% CI)."""
-    if num_samples < 1:
-        raise ValueError("the bootstrap needs at least one report.")
-    point = dict(statistic(np.arange(num_samples)))
-    rng = np.random.default_rng(seed)
-    draws = {name: np.empty(num_resamples) for name in point}
-    for r in tqdm(range(num_resamples), desc="bootstrap", disable=not progress, leave=False):
-        values = statistic(rng.integers(0, num_samples, num_samples))
-        for name in point:
-            draws[name][r] = values[name]
-    tail = (1 - confidence) / 2 * 100
-    return {
-        name: {
-            "value": float(value),
-            "median": float(np.median(draws[name])),
-            "ci_low": float(np.percentile(draws[name], tail)),
-            "ci_high": float(np.percentile(draws[name], 100 - tail)),
-        }
-        for name, value in point.items()
-    }
 
 
 def evaluate_reports(
@@ -125,7 +93,7 @@ def evaluate_reports(
             result.update(chexbert_f1_from_labels(labels[0][indices], labels[1][indices]))
         return result
 
-    result: dict[str, Any] = bootstrap(
+    result: dict[str, Any] = bootstrap_ci(
         statistic, len(predictions), num_resamples=num_resamples, seed=seed, progress=progress
     )
     requested = {"bertscore": bertscore_model, "chexbert": chexbert_checkpoint, "radgraph": radgraph_model}

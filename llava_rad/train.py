@@ -32,12 +32,11 @@ from torch import nn
 if __package__ in (None, ""):  # `accelerate launch llava_rad/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_rad.data import LlavaRadCollator, LlavaRadDataset, load_examples
@@ -53,6 +52,7 @@ from llava_rad.model import (
     projector,
     save_projector,
 )
+from train.arguments import parse_with_presets
 
 
 logger = get_logger(__name__)  # inside main(), where Accelerate is initialised
@@ -150,28 +150,7 @@ def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainArguments]:
     """Parse `argv`; `--config FILE.yaml` (or a preset name from llava_rad/configs) supplies defaults first."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if "--config" in argv:
-        position = argv.index("--config")
-        if position + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file or preset name.")
-        path = Path(argv[position + 1])
-        if not path.is_file():
-            path = CONFIG_DIR / f"{argv[position + 1].removesuffix('.yaml')}.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {argv[position + 1]}: no such file or preset in {CONFIG_DIR}.")
-        del argv[position : position + 2]
-        values = yaml.safe_load(path.read_text()) or {}
-        known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}.")
-        parser.set_defaults(**values)
-        for action in parser._actions:  # settings from the file satisfy required arguments
-            if action.dest in values:
-                action.required = False
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parse_with_presets(ARGUMENT_CLASSES, CONFIG_DIR, argv)
 
 
 class LlavaRadForTraining(nn.Module):

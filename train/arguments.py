@@ -179,26 +179,37 @@ class TrainArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CurationArguments, TrainArguments)
 
 
-def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, CurationArguments, TrainArguments]:
-    """Parse `argv`; `--config preset.yaml` (or a preset name from train/configs) supplies defaults first."""
+def parse_with_presets(
+    argument_classes: tuple[type, ...], config_dir: str | Path, argv: list[str] | None = None
+) -> tuple:
+    """Parse `argv` into `argument_classes`; `--config FILE.yaml` (or a preset name in `config_dir`) supplies
+    defaults first, which the command line overrides. A setting the file gives satisfies a required argument."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(argument_classes)
     if "--config" in argv:
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a YAML file or preset name.")
         config_path = Path(argv[position + 1])
         if not config_path.is_file():
-            config_path = CONFIG_DIR / f"{argv[position + 1].removesuffix('.yaml')}.yaml"
+            config_path = Path(config_dir) / f"{argv[position + 1].removesuffix('.yaml')}.yaml"
         if not config_path.is_file():
-            raise FileNotFoundError(f"--config {argv[position + 1]}: no such file or preset in {CONFIG_DIR}.")
+            raise FileNotFoundError(f"--config {argv[position + 1]}: no such file or preset in {config_dir}.")
         del argv[position : position + 2]
         values = yaml.safe_load(config_path.read_text()) or {}
-        known = {f for cls in ARGUMENT_CLASSES for f in cls.__dataclass_fields__}
+        known = {f for cls in argument_classes for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown settings {unknown}.")
         parser.set_defaults(**values)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, CurationArguments, TrainArguments]:
+    """Parse `argv`; `--config preset.yaml` (or a preset name from train/configs) supplies defaults first."""
+    return parse_with_presets(ARGUMENT_CLASSES, CONFIG_DIR, argv)
