@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llava_rad.model import IMAGE_TOKEN, VICUNA_V1_SYSTEM
+from train.data import clean_text
 
 
 logger = logging.getLogger(__name__)
@@ -52,13 +52,6 @@ class ReportExample:
     @property
     def instruction(self) -> str:
         return build_instruction(self.indication)
-
-
-def clean_text(value: Any) -> str:
-    """A text field as one line ('' for None / NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return " ".join(str(value).split())
 
 
 def build_instruction(indication: str | None = None) -> str:

@@ -35,10 +35,7 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import HfArgumentParser, LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_rad.model import LlavaRadSources, build_llava_rad, load_projector
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from llava_rad.model import DTYPES, IMAGE_PROCESSOR_FIELDS, LlavaRadSources, build_llava_rad, load_projector
 
 
 def load_trained(
@@ -70,20 +67,10 @@ def stock_image_processor(image_processor: Any) -> Any:
     """transformers' PIL-backed Llava image processor with the CheXficient processor's settings."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    return LlavaImageProcessorPil(
-        size=dict(image_processor.size),
-        crop_size=dict(image_processor.crop_size),
-        resample=image_processor.resample,
-        do_resize=image_processor.do_resize,
-        do_center_crop=image_processor.do_center_crop,
-        do_rescale=image_processor.do_rescale,
-        rescale_factor=image_processor.rescale_factor,
-        do_normalize=image_processor.do_normalize,
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
-        do_convert_rgb=True,
-        do_pad=False,
-    )
+    settings = {name: getattr(image_processor, name) for name in IMAGE_PROCESSOR_FIELDS}
+    for name, copy in (("size", dict), ("crop_size", dict), ("image_mean", list), ("image_std", list)):
+        settings[name] = copy(settings[name])
+    return LlavaImageProcessorPil(**settings, do_convert_rgb=True, do_pad=False)
 
 
 def export(

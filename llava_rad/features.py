@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from inference.inputs import InputItem, make_loader
 from llava_rad.data import ReportExample
 from llava_rad.model import vision_features
 
@@ -79,39 +79,12 @@ class FeatureStore:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the shards
         return {**self.__dict__, "_handles": {}}
 
-    def check(self, model: Any) -> None:
-        """Raise if the store was computed with another tower or feature selection than `model`'s."""
-        expected = tower_fingerprint(model)
+    def check(self, expected: dict[str, Any]) -> None:
+        """Raise if the store was computed with another tower or feature selection than `expected`, a model's
+        `tower_fingerprint`."""
         differing = {k: (self.metadata.get(k), v) for k, v in expected.items() if self.metadata.get(k) != v}
         if differing:
             raise ValueError(f"{self.folder}: features were computed for another tower or setting: {differing}.")
-
-
-class _ImageDataset(Dataset):
-    def __init__(self, examples: Sequence[ReportExample], image_processor: Any):
-        self.examples, self.image_processor = examples, image_processor
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        try:
-            return {
-                "id": example.id,
-                "pixel_values": torch.from_numpy(self.image_processor.process_one(example.image)),
-            }
-        except ValueError as error:
-            return {"id": example.id, "error": str(error)}
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [item for item in items if "pixel_values" in item]
-    return {
-        "ids": [item["id"] for item in good],
-        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else None,
-        "errors": [(item["id"], item["error"]) for item in items if "error" in item],
-    }
 
 
 @torch.no_grad()
@@ -140,9 +113,7 @@ def compute_feature_store(
         raise ValueError("example ids must be unique to key the feature store.")
     device = torch.device(device) if device is not None else model.device
     mine = list(examples)[rank::world_size]
-    loader = DataLoader(
-        _ImageDataset(mine, image_processor), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-    )
+    loader = make_loader([InputItem(e.id, e.image) for e in mine], image_processor, batch_size, num_workers)
     shards: dict[str, str] = {}
     skipped: list[str] = []
     pending: dict[str, torch.Tensor] = {}
@@ -155,14 +126,14 @@ def compute_feature_store(
             pending.clear()
 
     for batch in tqdm(loader, desc="vision features", disable=rank != 0):
-        for example_id, error in batch["errors"]:
-            logger.warning(f"skipping unreadable image of {example_id}: {error}")
-            skipped.append(example_id)
-        if batch["pixel_values"] is None:
+        for index, error in batch.failed:
+            logger.warning(f"skipping unreadable image of {mine[index].id}: {error}")
+            skipped.append(mine[index].id)
+        if batch.pixel_values is None:
             continue
-        features = vision_features(model, batch["pixel_values"].to(device)).to(dtype).cpu()
-        for example_id, feature in zip(batch["ids"], features):
-            pending[example_id] = feature.contiguous()
+        features = vision_features(model, batch.pixel_values.to(device)).to(dtype).cpu()
+        for index, feature in zip(batch.indices, features):
+            pending[mine[index].id] = feature.contiguous()
         if len(pending) >= shard_size:
             flush()
     flush()

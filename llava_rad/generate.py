@@ -30,26 +30,14 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import AutoTokenizer, HfArgumentParser, LlavaForConditionalGeneration
 
+from inference.inputs import InputItem, make_loader
 from llava_rad.data import ReportExample, load_examples, prompt_ids
-from llava_rad.model import RUN_INFO_FILENAME, build_processor
+from llava_rad.model import DTYPES, IMAGE_PROCESSOR_FIELDS, RUN_INFO_FILENAME, build_processor
 
 from image_processing_chexficient import CheXficientImageProcessor
 
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMAGE_PROCESSOR_FIELDS = (
-    "do_resize",
-    "size",
-    "resample",
-    "do_center_crop",
-    "crop_size",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-)
 
 
 def chexficient_image_processor(folder: str | os.PathLike) -> CheXficientImageProcessor:
@@ -93,28 +81,27 @@ def generate_reports(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Greedy findings for `examples`; returns (records, skipped) where skipped lists unreadable images."""
+    """Greedy findings for `examples`; returns (records, skipped) where skipped lists unreadable images. Images are
+    decoded in `num_workers` DataLoader processes (0: in this one)."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     image_seq_length = model.config.image_seq_length
     pad_id = tokenizer.pad_token_id
     device = model.device
     tower_dtype = model.model.vision_tower.dtype
     records, skipped = [], []
+    loader = make_loader([InputItem(e.id, e.image) for e in examples], image_processor, batch_size, num_workers)
     bar = tqdm(total=len(examples), desc="generate", disable=not progress)
-    for start in range(0, len(examples), batch_size):
-        chunk, pixels = [], []
-        for example in examples[start : start + batch_size]:
-            try:
-                pixels.append(torch.from_numpy(image_processor.process_one(example.image)))
-                chunk.append(example)
-            except ValueError as error:
-                logger.warning(f"skipping unreadable image: {error}")
-                skipped.append({"id": example.id, "image": example.image, "error": str(error)})
-        bar.update(len(examples[start : start + batch_size]))
-        if not chunk:
+    for batch in loader:
+        for index, error in batch.failed:
+            logger.warning(f"skipping unreadable image: {error}")
+            skipped.append({"id": examples[index].id, "image": examples[index].image, "error": error})
+        bar.update(len(batch.indices) + len(batch.failed))
+        if batch.pixel_values is None:
             continue
+        chunk = [examples[index] for index in batch.indices]
         prompts = [prompt_ids(tokenizer, e.instruction, image_seq_length) for e in chunk]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
@@ -125,7 +112,7 @@ def generate_reports(
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            pixel_values=torch.stack(pixels).to(device, tower_dtype),
+            pixel_values=batch.pixel_values.to(device, tower_dtype),
             do_sample=False,
             num_beams=1,
             max_new_tokens=max_new_tokens,
@@ -157,6 +144,7 @@ class GenerateArguments:
     image_root: str | None = field(default=None, metadata={"help": "folder the manifest's image paths start from"})
     rule_based_only: bool = field(default=False, metadata={"help": "JSON manifests: LLaVA-Rad's test subset"})
     batch_size: int = field(default=8, metadata={"help": "images per generate() call"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader processes decoding the images"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest generated report"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda when available)"})
@@ -182,7 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     examples = examples[: args.max_samples] if args.max_samples else examples
     model, processor = load_for_generation(args.model, DTYPES[args.dtype], device)
     records, skipped = generate_reports(
-        model, processor, examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        model,
+        processor,
+        examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_workers=args.num_workers,
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

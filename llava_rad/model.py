@@ -74,6 +74,21 @@ LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_pr
 PROJECTOR_NAME = "multi_modal_projector"
 PROJECTOR_FILENAME = "projector.safetensors"
 RUN_INFO_FILENAME = "llava_rad.json"
+# The preprocessing settings an exported processor carries (the CheXficient and the stock Llava processor alike).
+IMAGE_PROCESSOR_FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
+# the --dtype / --feature_dtype choices of train.py, export.py and generate.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -294,6 +309,8 @@ def apply_lora(
 
 __all__ = [
     "DEFAULT_LANGUAGE_MODEL",
+    "DTYPES",
+    "IMAGE_PROCESSOR_FIELDS",
     "IMAGE_TOKEN",
     "LORA_TARGET_MODULES",
     "LlavaRadSources",

@@ -43,6 +43,7 @@ from llava_rad.data import LlavaRadCollator, LlavaRadDataset, load_examples
 from llava_rad.features import FeatureStore, compute_feature_store, merge_feature_index, tower_fingerprint
 from llava_rad.model import (
     DEFAULT_LANGUAGE_MODEL,
+    DTYPES,
     PROJECTOR_FILENAME,
     LlavaRadSources,
     apply_lora,
@@ -62,7 +63,6 @@ STAGES = {
     "align": {"lr": 1e-3, "epochs": 1, "template": "plain"},
     "finetune": {"lr": 1e-4, "epochs": 3, "template": "v1"},
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -209,6 +209,7 @@ def setup_stage(model: nn.Module, model_args: ModelArguments, lora_args: LoraArg
 def prepare_features(model, examples, processor, data_args, accelerator) -> FeatureStore:
     """Open the feature store, computing it first (each process its slice) when it has no index yet."""
     folder = Path(data_args.features_dir)
+    fingerprint = tower_fingerprint(model)  # hashes every tower weight: once per run
     if not (folder / "index.json").is_file():
         model.to(accelerator.device)
         compute_feature_store(
@@ -217,7 +218,7 @@ def prepare_features(model, examples, processor, data_args, accelerator) -> Feat
             processor.image_processor,
             folder,
             batch_size=data_args.feature_batch_size,
-            dtype=getattr(torch, data_args.feature_dtype),
+            dtype=DTYPES[data_args.feature_dtype],
             num_workers=data_args.num_workers,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
@@ -225,10 +226,10 @@ def prepare_features(model, examples, processor, data_args, accelerator) -> Feat
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            merge_feature_index(folder, accelerator.num_processes, tower_fingerprint(model))
+            merge_feature_index(folder, accelerator.num_processes, fingerprint)
         accelerator.wait_for_everyone()
     store = FeatureStore(folder)
-    store.check(model)
+    store.check(fingerprint)
     return store
 
 
@@ -350,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     module.train()
     accelerator.unwrap_model(module).tower.eval()  # frozen: no dropout / drop-path in the tower
-    losses: list[float] = []
-    running, running_count, started = 0.0, 0, time.time()
+    step_losses: list[torch.Tensor] = []  # this process's mean loss per optimizer step, kept on the device
+    running, running_count, started = torch.zeros((), device=accelerator.device), 0, time.time()
     progress = tqdm(
         total=total_steps, initial=global_step, desc=f"{train_args.stage}", disable=not accelerator.is_main_process
     )
@@ -370,18 +371,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running += float(loss.detach())
+            running = running + loss.detach().float()  # no host sync per micro-batch
             running_count += 1
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             progress.update(1)
-            step_loss = float(
-                accelerator.gather(torch.tensor(running / running_count, device=accelerator.device)).mean()
-            )
-            losses.append(step_loss)
-            running, running_count = 0.0, 0
+            step_losses.append(running / running_count)
+            running, running_count = torch.zeros_like(running), 0
             if global_step % train_args.logging_steps == 0 or global_step == 1:
+                step_loss = float(accelerator.gather(step_losses[-1].reshape(1)).mean())  # mean over processes
                 lr = scheduler.get_last_lr()[0]
                 logger.info(f"epoch {epoch} step {global_step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=global_step)
@@ -393,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if global_step >= total_steps:
                 break
     progress.close()
+    # one gather for the whole run: [processes, steps] -> the mean over processes per step
+    losses = accelerator.gather(torch.stack(step_losses)[None]).mean(0).tolist() if step_losses else []
 
     summary = {
         "stage": train_args.stage,

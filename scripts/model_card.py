@@ -9,7 +9,6 @@ run's `arguments.json` and `summary.json` (one folder up, as train/pretrain.py w
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import Counter
@@ -91,29 +90,27 @@ def count_parameters(folder: str | os.PathLike) -> int:
     return total
 
 
-def _read_manifest_rows(path: Path) -> list[dict[str, Any]] | None:
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    if path.suffix.lower() in (".jsonl", ".json"):
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    return None  # parquet and other formats: per-source counts stay unknown
-
-
 def per_source_counts(
     manifest: str | os.PathLike | None, ids: Sequence[Any], id_column: str = "id"
 ) -> dict[str, dict[str, int]] | None:
-    """{source: {"candidates", "curated"}} from a candidate manifest with a source column; None when unknown."""
+    """{source: {"candidates", "curated"}} from a candidate manifest with a source column; None when unknown.
+
+    The manifest is read and its ids formed as pretraining reads them (`train.data`: the id column as text, else the
+    row number), so they match the ids in `curated_subset.json`.
+    """
+    from train.data import read_manifest
+
     if not manifest or not Path(manifest).is_file():
         return None
-    rows = _read_manifest_rows(Path(manifest))
-    if not rows:
+    try:
+        frame = read_manifest(manifest)
+    except ValueError:  # a format pretraining does not read either
         return None
-    column = next((c for c in SOURCE_COLUMNS if c in rows[0]), None)
-    if column is None or id_column not in rows[0]:
+    column = next((c for c in SOURCE_COLUMNS if c in frame.columns), None)
+    if column is None:
         return None
-    source_of = {str(row[id_column]): str(row[column]) for row in rows}
+    keys = frame[id_column] if id_column in frame.columns else range(len(frame))
+    source_of = {str(key): str(source) for key, source in zip(keys, frame[column])}
     candidates = Counter(source_of.values())
     curated = Counter(source_of[str(i)] for i in ids if str(i) in source_of)
     return {name: {"candidates": candidates[name], "curated": curated[name]} for name in sorted(candidates)}

@@ -62,7 +62,7 @@ MODEL_FILES = (
     "curated_subset.json",
 )
 AUTO_MAP_CONFIGS = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
-SPACE_IGNORE = ["__pycache__/*", "*.pyc", "screenshot.py", ".push_to_hub_staging"]
+SPACE_LEFT_OUT = ("__pycache__", "*.pyc", "screenshot.py")  # not copied from space/ (screenshot.py is a dev tool)
 REPLACED_FOLDERS = ["eval/*", "training/*"]
 STAGING_MARKER = ".push_to_hub_staging"  # marks a folder this script may empty again; never uploaded
 
@@ -253,7 +253,7 @@ def assemble_space(args: PushArguments, output_dir: Path) -> Path:
     shutil.copytree(
         SPACE_DIR,
         space_dir,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "screenshot.py"),
+        ignore=shutil.ignore_patterns(*SPACE_LEFT_OUT),
         dirs_exist_ok=True,
     )
     card = SpaceCard.load(space_dir / "README.md")
@@ -319,7 +319,7 @@ def upload(args: PushArguments, folder: Path, summary: dict[str, Any], space_dir
                     repo_type="space",
                     folder_path=space_dir,
                     commit_message=f"Space for {args.repo_id}",
-                    ignore_patterns=SPACE_IGNORE,
+                    ignore_patterns=[STAGING_MARKER],
                 ).commit_url
             )
             api.add_space_variable(args.space_id, "CHEXFICIENT_MODEL", args.repo_id)

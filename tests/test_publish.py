@@ -292,6 +292,36 @@ def test_converter_folder_gets_auto_map_and_code_and_an_honest_share(tmp_path):
     assert card.data.license == "apache-2.0" and card.data.base_model == ["facebook/dinov2-base"]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_card_counts_curated_pairs_per_source_with_the_ids_pretraining_reads(tmp_path, suffix):
+    import pandas as pd
+
+    rows = [(7, "mimic"), (8, "mimic"), (9, "chexpert"), (10, "nih"), (11, "chexpert")]
+    frame = pd.DataFrame(
+        [(i, f"{i}.png", "Clear lungs.", source) for i, source in rows], columns=["id", "path", "report", "source"]
+    )
+    manifest = tmp_path / f"candidates{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(manifest, index=False)
+    else:
+        frame.to_parquet(manifest)
+    folder = tmp_path / "model"
+    save_tiny_model(folder)
+    # pretraining records the ids as text, as train.data reads them from the manifest
+    write_curated_subset(
+        folder, curated_subset_record([0, 2, 4], ids=["7", "9", "11"], num_candidates=5, source=str(manifest))
+    )
+
+    summary = push_to_hub.main(
+        ["--model", str(folder), "--repo-id", "o/sources", "--dry-run", "--output-dir", str(tmp_path / "staged")]
+    )
+    text = ModelCard.load(Path(summary["output_dir"]) / "README.md").text
+    assert "| chexpert | 2 | 2 | 100.0% |" in text
+    assert "| mimic | 2 | 1 | 50.0% |" in text
+    assert "| nih | 1 | 0 | 0.0% |" in text
+    assert "| curated pairs | 3 (60.0%) |" in text
+
+
 def test_bad_folders_and_arguments_are_clear_errors(tmp_path, trained_run):
     def fails(argv, *expected):
         with pytest.raises(PublishError) as info:
