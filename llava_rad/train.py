@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # `accelerate launch llava_rad/train.py` runs thi
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -54,6 +54,7 @@ from llava_rad.model import (
     save_projector,
 )
 from train.arguments import parse_with_presets
+from train.checkpoints import checkpoint_record, find_checkpoint, save_checkpoint
 
 
 logger = get_logger(__name__)  # inside main(), where Accelerate is initialised
@@ -233,17 +234,6 @@ def prepare_features(model, examples, processor, data_args, accelerator) -> Feat
     return store
 
 
-def find_checkpoint(resume: str, output_dir: Path) -> Path:
-    if resume != "latest":
-        if not Path(resume).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder.")
-        return Path(resume)
-    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoints under {output_dir / 'checkpoints'}.")
-    return checkpoints[-1]
-
-
 def save_stage_output(accelerator, module, processor, sources, stage, output_dir: Path, record: dict) -> None:
     """Stage 1: projector.safetensors. Stage 2: the PEFT adapter (LoRA + projector) in adapter/, and the projector."""
     accelerator.wait_for_everyone()
@@ -268,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_with=None if train_args.report_to == "none" else train_args.report_to,
         project_dir=str(output_dir),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
     )
     set_seed(train_args.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,8 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     global_step, start_epoch, skip_batches = 0, 0, 0
     if train_args.resume_from_checkpoint:
         checkpoint = find_checkpoint(train_args.resume_from_checkpoint, output_dir)
+        global_step = int(checkpoint_record(checkpoint)["global_step"])
         accelerator.load_state(str(checkpoint))
-        global_step = int(json.loads((checkpoint / "step.json").read_text())["global_step"])
         start_epoch, done = divmod(global_step, steps_per_epoch)
         skip_batches = done * train_args.gradient_accumulation_steps
         logger.info(f"resumed from {checkpoint} at step {global_step}")
@@ -359,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(start_epoch, train_args.num_epochs):
         if global_step >= total_steps:
             break
+        loader.set_epoch(epoch)  # the epoch's shuffle depends on (seed, epoch) only, so a resumed run sees it again
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
         for batch in epoch_loader:
@@ -385,10 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logger.info(f"epoch {epoch} step {global_step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=global_step)
             if train_args.save_steps and global_step % train_args.save_steps == 0:
-                checkpoint = output_dir / "checkpoints" / f"step-{global_step}"
-                accelerator.save_state(str(checkpoint))
-                if accelerator.is_main_process:
-                    (checkpoint / "step.json").write_text(json.dumps({"global_step": global_step}))
+                save_checkpoint(accelerator, output_dir, global_step, {"global_step": global_step})
             if global_step >= total_steps:
                 break
     progress.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,30 @@ def test_both_stages_run_and_the_loss_falls(trained):
     assert (out / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
     index = json.loads((out / "features" / "index.json").read_text())
     assert index["skipped"] == ["bad"] and len(index["shards"]) == 4  # the unreadable image is reported
+
+
+def test_a_killed_stage_resumes_from_its_last_complete_checkpoint(parts, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.checkpoints import COMPLETE_MARKER
+
+    common = {"num_epochs": 3, "per_device_batch_size": 2, "learning_rate": 3e-2, "warmup_ratio": 0.0}  # 6 steps
+    straight = train_script.main(train_args(parts, tmp_path / "straight", "align", **common))
+    run = tmp_path / "killed"
+    train_script.main(train_args(parts, run, "align", save_steps=1, **common))
+    # what a kill during the save of step 4 leaves: complete checkpoints up to step 3, step 4 without its marker
+    checkpoints = run / "checkpoints"
+    for step in (5, 6):
+        shutil.rmtree(checkpoints / f"step-{step:08d}")
+    (checkpoints / f"step-{4:08d}" / COMPLETE_MARKER).unlink()
+    (run / "projector.safetensors").unlink()
+
+    resumed = train_script.main(train_args(parts, run, "align", resume_from_checkpoint="latest", **common))
+    assert resumed["steps"] == 6 and len(resumed["losses"]) == 3  # steps 4-6, from the middle of epoch 2
+    np.testing.assert_allclose(resumed["losses"], straight["losses"][3:], rtol=1e-5)
+    expected = load_file(tmp_path / "straight" / "projector.safetensors")
+    for name, tensor in load_file(run / "projector.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name])
 
 
 def test_stored_features_give_the_live_tower_loss(parts, tmp_path):

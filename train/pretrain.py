@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from eval.metrics import load_metric
 from eval.zero_shot import zero_shot_probabilities
 from train.arguments import MODEL_PRESETS, parse_arguments
+from train.checkpoints import find_checkpoint, save_checkpoint
 from train.curation import concat_normalized
 from train.curator import CurationConfig, PrototypeCurator
 from train.data import ImageReportCollator, ImageReportDataset, PairTable, load_pairs, read_manifest, seed_worker
@@ -50,7 +50,6 @@ from processing_chexficient import CheXficientProcessor
 
 
 logger = get_logger(__name__)
-COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 @dataclass
@@ -346,32 +345,6 @@ def fold_counters(state: TrainState, counters: torch.Tensor) -> None:
     counters.zero_()
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: TrainState, limit: int) -> None:
-    folder = output_dir / "checkpoints" / f"step-{state.global_step:08d}"
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (folder / COMPLETE_MARKER).write_text(json.dumps(state.state_dict()))  # a kill mid-save leaves no marker
-        checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))
-        for stale in checkpoints[:-limit]:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(resume: str, output_dir: Path) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder.")
-        return path
-    checkpoints = sorted(p for p in (output_dir / "checkpoints").glob("step-*") if (p / COMPLETE_MARKER).exists())
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}."
-        )
-    return checkpoints[-1]
-
-
 # ----- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -613,7 +586,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 validate()
             if train_args.save_steps and state.global_step % train_args.save_steps == 0:
                 fold_counters(state, counters)
-                save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
+                save_checkpoint(
+                    accelerator, output_dir, state.global_step, state.state_dict(), train_args.save_total_limit
+                )
             if train_args.max_steps and state.global_step >= train_args.max_steps:
                 done = True
                 break
@@ -639,7 +614,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             validate(epoch=epoch + 1)
         fold_counters(state, counters)
         if train_args.save_steps is None and epoch + 1 < train_args.num_epochs:
-            save_checkpoint(accelerator, output_dir, state, train_args.save_total_limit)
+            save_checkpoint(
+                accelerator, output_dir, state.global_step, state.state_dict(), train_args.save_total_limit
+            )
     fold_counters(state, counters)
     if trace is not None:
         trace.close()
