@@ -7,6 +7,7 @@ temperature, the curation prototypes, the contrastive loss and the zero-shot pro
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,38 @@ except ImportError:  # imported as a top-level module from a checkout
 
 logger = logging.get_logger(__name__)
 
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 NO_FINDING_LABELS = frozenset({"no finding", "no findings", "normal"})
+# The CheXpert 14 observations, in the reference code's order: the findings the released model is evaluated on.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+    "No Finding",
+)
+PromptTemplates = tuple[tuple[str, str], ...]
+# Zero-shot prompt presets: (positive, negative) template pairs; `{c}` is the label as written, `{c_lower}` lower-cased.
+# "paper" is the released model's protocol; "report" is an ensemble in the style of report sentences, whose text
+# embeddings are averaged (an option beyond the paper, robust where a small text tower misreads bare labels).
+ZERO_SHOT_PROMPTS: dict[str, PromptTemplates] = {
+    "paper": (("{c}", "no {c}"),),
+    "report": (
+        ("There is {c_lower}.", "There is no {c_lower}."),
+        ("{c} is present.", "No {c_lower}."),
+        ("Findings consistent with {c_lower}.", "No evidence of {c_lower}."),
+    ),
+}
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -45,14 +77,40 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
 
 
-def zero_shot_prompts(label: str) -> tuple[str, str]:
-    """The released model's (positive, negative) prompt pair for one finding: "{label}" and "no {label}".
+def resolve_prompt_templates(prompts: str | Sequence[Sequence[str]] = "paper") -> PromptTemplates:
+    """A preset name of `ZERO_SHOT_PROMPTS` or a sequence of (positive, negative) templates, validated."""
+    if isinstance(prompts, str):
+        if prompts not in ZERO_SHOT_PROMPTS:
+            raise ValueError(f"unknown prompt preset {prompts!r}; presets are {sorted(ZERO_SHOT_PROMPTS)}.")
+        return ZERO_SHOT_PROMPTS[prompts]
+    templates = tuple((str(pair[0]), str(pair[1])) for pair in prompts if len(pair) == 2)
+    if not templates or len(templates) != len(prompts):
+        raise ValueError("prompts must be a preset name or a non-empty sequence of (positive, negative) templates.")
+    return templates
 
-    "No Finding" has no sensible negation, so its negative prompt is "there is Finding", as in the reference code.
+
+def zero_shot_prompts(label: str, prompts: str | Sequence[Sequence[str]] = "paper") -> list[tuple[str, str]]:
+    """The (positive, negative) prompt pairs of one finding, one pair per template.
+
+    The paper's templates give "{label}" and "no {label}"; "No Finding" has no sensible negation, so its negative
+    prompt is then "there is Finding", as in the reference code.
     """
-    if label.strip().lower() in NO_FINDING_LABELS:
-        return label, "there is Finding"
-    return label, f"no {label}"
+    templates = resolve_prompt_templates(prompts)
+    if templates == ZERO_SHOT_PROMPTS["paper"]:
+        if label.strip().lower() in NO_FINDING_LABELS:
+            return [(label, "there is Finding")]
+        return [(label, f"no {label}")]
+    return [
+        (pos.format(c=label, c_lower=label.lower()), neg.format(c=label, c_lower=label.lower()))
+        for pos, neg in templates
+    ]
+
+
+def zero_shot_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """p(finding) [B, C]: a softmax over the raw cosines of each image [B, D] with the positive and negative prompt
+    embeddings [C, 2, D] of each finding (no temperature), as the released model scores findings."""
+    cosine = torch.einsum("bd,ckd->bck", image_embeds.float(), text_embeds.to(image_embeds.device).float())
+    return cosine.softmax(dim=-1)[..., 0]
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -166,6 +224,9 @@ class CheXficientPreTrainedModel(PreTrainedModel):
 class CheXficientModel(CheXficientPreTrainedModel):
     """The CheXficient CLIP model: image and text towers, projections, temperature and curation prototypes."""
 
+    zero_shot_cache_size = 32  # prompt-embedding sets kept by `get_zero_shot_text_embeds` (least recently used out)
+    zero_shot_default_labels = CHEXPERT_LABELS
+
     def __init__(self, config: CheXficientConfig):
         super().__init__(config)
         self.vision_model = Dinov2Model(config.vision_config)
@@ -177,7 +238,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
         # Prototypes live in the space of the L2-normalised [image ; text] concatenation. Curation updates them by
         # k-means and EMA, never by gradient, so they are a buffer; zeros until a curator initialises them.
         self.register_buffer("prototypes", torch.zeros(config.num_prototypes, config.prototype_dim), persistent=True)
-        self._zero_shot_cache: dict[tuple, torch.Tensor] = {}
+        self._zero_shot_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.post_init()
 
     def train(self, mode: bool = True) -> CheXficientModel:
@@ -260,7 +321,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
             logit_scale=self.logit_scale,
         )
 
-    # ----- zero-shot classification (the paper's protocol) -------------------------------------------------------
+    # ----- zero-shot classification (the paper's protocol, or prompt ensembles) ------------------------------------
 
     def clear_zero_shot_cache(self) -> None:
         """Forget cached prompt embeddings (done automatically on `train()`/`eval()`)."""
@@ -268,23 +329,43 @@ class CheXficientModel(CheXficientPreTrainedModel):
 
     @torch.no_grad()
     def get_zero_shot_text_embeds(
-        self, labels: Sequence[str], tokenizer: Callable[..., Any], max_length: int = 256
+        self,
+        labels: Sequence[str],
+        tokenizer: Callable[..., Any],
+        prompts: str | Sequence[Sequence[str]] = "paper",
+        max_length: int = 256,
+        batch_size: int = 256,
     ) -> torch.FloatTensor:
-        """Embeddings [C, 2, projection_dim] of the ("{label}", "no {label}") prompts, cached per label set."""
+        """Prompt embeddings [C, 2, projection_dim] (positive, negative) of each label, averaged over the templates
+        of `prompts` and re-normalised. The last `zero_shot_cache_size` label sets are cached (least recently used
+        goes first)."""
         labels = tuple(labels)
         if not labels:
             raise ValueError("zero-shot classification needs at least one label.")
-        key = (labels, id(tokenizer), max_length, self.device, self.dtype)
+        templates = resolve_prompt_templates(prompts)
+        key = (labels, templates, id(tokenizer), max_length, self.device, self.dtype)
         cached = self._zero_shot_cache.get(key)
         if cached is not None:
+            self._zero_shot_cache.move_to_end(key)
             return cached
-        prompts = [prompt for label in labels for prompt in zero_shot_prompts(label)]  # [pos0, neg0, pos1, ...]
-        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        tokens = {
-            k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-        }
-        embeds = self.get_text_features(**tokens).view(len(labels), 2, -1)
+        pairs = [zero_shot_prompts(label, templates) for label in labels]
+        texts = [prompt for label_pairs in pairs for pair in label_pairs for prompt in pair]  # C x T x 2
+        embeds = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            tokens = {k: v.to(self.device) for k, v in tokens.items() if k in _TEXT_INPUTS}
+            embeds.append(self.get_text_features(**tokens))
+        embeds = torch.cat(embeds).view(len(labels), len(templates), 2, -1).mean(dim=1)
+        embeds = F.normalize(embeds, dim=-1)  # [C, 2, D]
         self._zero_shot_cache[key] = embeds
+        while len(self._zero_shot_cache) > self.zero_shot_cache_size:
+            self._zero_shot_cache.popitem(last=False)
         return embeds
 
     @torch.no_grad()
@@ -294,19 +375,21 @@ class CheXficientModel(CheXficientPreTrainedModel):
         tokenizer: Callable[..., Any],
         pixel_values: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
+        prompts: str | Sequence[Sequence[str]] = "paper",
     ) -> torch.FloatTensor:
-        """Probability [B, C] that each finding is present, as the released model scores it.
+        """Probability [B, C] that each finding is present.
 
-        For each label the image is compared with "{label}" and "no {label}"; a softmax over the two raw cosine
-        similarities (no temperature) gives the probability of the positive prompt.
+        For each label the image is compared with the positive and negative prompts ("{label}" and "no {label}"
+        for the paper's protocol, the default); a softmax over the two raw cosine similarities (no temperature)
+        gives the probability of the positive prompt. `prompts` may name another preset of `ZERO_SHOT_PROMPTS` or
+        give (positive, negative) templates; several templates are averaged as a prompt ensemble.
         """
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("pass exactly one of `pixel_values` or `image_embeds`.")
         if image_embeds is None:
             image_embeds = self.get_image_features(pixel_values)
-        text_embeds = self.get_zero_shot_text_embeds(labels, tokenizer)  # [C, 2, D]
-        cosine = torch.einsum("bd,ckd->bck", image_embeds.to(text_embeds.dtype), text_embeds)  # [B, C, 2]
-        return cosine.float().softmax(dim=-1)[..., 0]
+        text_embeds = self.get_zero_shot_text_embeds(labels, tokenizer, prompts)  # [C, 2, D]
+        return zero_shot_scores(image_embeds.to(text_embeds.device), text_embeds)
 
 
 class CheXficientVisionModel(CheXficientPreTrainedModel):
@@ -416,6 +499,8 @@ CheXficientModel.register_for_auto_class("AutoModel")
 CheXficientForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "CHEXPERT_LABELS",
+    "ZERO_SHOT_PROMPTS",
     "CheXficientForImageClassification",
     "CheXficientModel",
     "CheXficientOutput",
@@ -424,5 +509,7 @@ __all__ = [
     "CheXficientVisionOutput",
     "clip_loss",
     "last_token_pool",
+    "resolve_prompt_templates",
     "zero_shot_prompts",
+    "zero_shot_scores",
 ]

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chexficient.curation import CurationConfig, PrototypeCurator  # noqa: E402
 from train.arguments import MODEL_PRESETS  # noqa: E402
-from train.curator import CurationConfig, PrototypeCurator  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402
 from modeling_chexficient import CheXficientModel  # noqa: E402

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import BertTokenizerFast  # noqa: E402
 
-from train.curation import concat_normalized  # noqa: E402
-from train.data import ImageReportCollator, ImageReportDataset, load_pairs  # noqa: E402
+from chexficient.curation.functions import concat_normalized  # noqa: E402
+from chexficient.pairs import ImageReportCollator, ImageReportDataset, load_pairs  # noqa: E402
 
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
 from modeling_chexficient import CheXficientModel  # noqa: E402

@@ -59,7 +59,7 @@ def write_model(folder: Path) -> None:
 
 def write_images(folder: Path, count: int) -> list[Path]:
     """`count` 1024x1024 16-bit phantoms, alternately as PNG and DICOM."""
-    from inference.synthetic import phantom_images, write_dicom, write_png
+    from chexficient.inference.synthetic import phantom_images, write_dicom, write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -113,7 +113,7 @@ def measure_stock(model_dir: Path, images: list[Path]) -> dict[str, Any]:
         "model_only_images_per_s": len(images) / sum(forward),
         "latency_batch1": _percentiles(per_image),  # every stock request is a batch-1 request
         "device": str(device),
-        "dtype": "fp32",
+        "dtype": "float32",
     }
     if device.type == "cuda":
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -124,14 +124,14 @@ def measure_engine(
     path: str, model_dir: Path, images: list[Path], batch_size: int, num_workers: int, latency_runs: int, device: str
 ) -> dict[str, Any]:
     """Our paths: batched embedding through the DataLoader, forward timed apart, then batch-1 latency."""
-    from inference.engine import InferenceEngine
-    from inference.inputs import InputItem, make_loader
+    from chexficient.images import InputItem, make_image_loader
+    from chexficient.inference.engine import InferenceEngine
 
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     onnx_session = None
     if path in ("onnx", "onnx-int8"):
-        from inference.onnx_export import OnnxEmbedder, export_onnx
+        from chexficient.inference.onnx_export import OnnxEmbedder, export_onnx
 
         onnx_dir = Path(os.environ["BENCH_WORKDIR"]) / "onnx"
         onnx_file = onnx_dir / "chexficient.onnx"
@@ -148,7 +148,7 @@ def measure_engine(
         processor = CheXficientImageProcessor.from_pretrained(model_dir)
         run = onnx_session.embed
         device_obj = torch.device("cpu")
-        dtype = "fp32" if path == "onnx" else "int8"
+        dtype = "float32" if path == "onnx" else "int8"
     else:
         dtype = {"eager": "auto", "compile": "auto", "int8": "int8"}[path]
         engine = InferenceEngine.from_pretrained(model_dir, device, dtype, compile=path == "compile")
@@ -171,7 +171,7 @@ def measure_engine(
     else:  # one warm-up forward (allocator, thread pools, ORT arena)
         run(torch.from_numpy(processor.process_one(images[0])[None]))
 
-    loader = make_loader(items, processor, batch_size, num_workers, pin_memory=device_obj.type == "cuda")
+    loader = make_image_loader(items, processor, batch_size, num_workers, pin_memory=device_obj.type == "cuda")
     forward_s, embeddings = 0.0, []
     if device_obj.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device_obj)

@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference.engine import InferenceEngine  # noqa: E402
-from inference.inputs import InputItem, make_loader  # noqa: E402
-from inference.onnx_export import OnnxEmbedder, compare, export_onnx  # noqa: E402
-from train.phantoms import PHANTOM_LABELS, write_phantom_dataset  # noqa: E402
+from chexficient.images import InputItem, make_image_loader  # noqa: E402
+from chexficient.inference.engine import InferenceEngine  # noqa: E402
+from chexficient.inference.onnx_export import OnnxEmbedder, compare, export_onnx  # noqa: E402
+from chexficient.phantoms import PHANTOM_LABELS, write_phantom_dataset  # noqa: E402
 
 
 def macro_auroc(labels: pd.DataFrame, probs: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -71,10 +71,10 @@ def main() -> None:
     names = [name for name in PHANTOM_LABELS if name in frame.columns]
     items = [InputItem(str(row.id), str(phantoms / row.path)) for row in frame.itertuples()]
 
-    fp32 = InferenceEngine.from_pretrained(model_dir, "cpu", "fp32")
+    fp32 = InferenceEngine.from_pretrained(model_dir, "cpu", "float32")
     int8 = InferenceEngine.from_pretrained(model_dir, "cpu", "int8")
     pixels, failed = [], []
-    for batch in make_loader(items, fp32.image_processor, batch_size=64, num_workers=0):
+    for batch in make_image_loader(items, fp32.image_processor, batch_size=64, num_workers=0):
         failed += batch.failed
         if batch.pixel_values is not None:
             pixels.append(batch.pixel_values)

@@ -21,9 +21,9 @@ from transformers import BertTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
-from train.data import read_manifest  # noqa: E402
-from train.phantoms import PHANTOM_FINDINGS  # noqa: E402
+from chexficient.manifests import read_manifest  # noqa: E402
+from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
+from chexficient.phantoms import PHANTOM_FINDINGS  # noqa: E402
 
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
 from modeling_chexficient import CheXficientModel, zero_shot_prompts  # noqa: E402

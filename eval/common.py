@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from chexficient.images import make_image_loader
+from chexficient.runtime import resolve_device
+
 
 logger = logging.getLogger(__name__)
-
-ImageSourceReader = Callable[[int], Any]
 
 
 @dataclass
@@ -51,13 +51,6 @@ class LoadedModel:
         """All hidden states of the image tower ([B, 1 + tokens, H] each, embeddings first)."""
         encoder = self.model.vision_model if self.is_chexficient else self.model
         return encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto" -> CUDA when present, else CPU; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_model_and_processor(
@@ -96,56 +89,6 @@ def _is_chexficient(path: str) -> bool:
 # ----- images ---------------------------------------------------------------------------------------------------------
 
 
-def preprocess_image(image_processor: Any, source: Any, name: str) -> np.ndarray:
-    """One image -> pixel values [3, H, W] float32 with the model's processor.
-
-    CheXficient's processor decodes every format itself. Any other HF image processor gets the image decoded by
-    CheXficient's loader (PNG, JPEG, 16-bit, DICOM) and converted to 8-bit RGB first.
-    """
-    if hasattr(image_processor, "process_one"):
-        return image_processor.process_one(source, name=name)
-    from image_processing_chexficient import load_image
-
-    image = load_image(source, name)
-    if not isinstance(image, PIL.Image.Image):  # float array in [0, 1] from high-bit-depth data
-        image = PIL.Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).squeeze())
-    return image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
-
-
-class ImageFileDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses images with the model's image processor; a bad file yields an error, not a crash.
-
-    `sources` are paths (PNG/JPEG/16-bit/DICOM) or, with `reader`, indices passed to `reader(i)` (e.g. raw JSRT).
-    """
-
-    def __init__(self, sources: Sequence[str], image_processor: Any, reader: ImageSourceReader | None = None):
-        self.sources = list(sources)
-        self.image_processor = image_processor
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        name = str(self.sources[index])
-        try:
-            source = self.reader(index) if self.reader is not None else name
-            pixels = preprocess_image(self.image_processor, source, name)
-            return {"index": index, "pixel_values": torch.from_numpy(np.asarray(pixels, dtype=np.float32))}
-        except (OSError, ValueError, RuntimeError) as error:  # unreadable, corrupt or unsupported files
-            return {"index": index, "error": f"{type(error).__name__}: {error}"}
-
-
-def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decodable images of a batch; keep the errors of the others."""
-    good = [item for item in items if "pixel_values" in item]
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else None,
-        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
-        "errors": [(item["index"], item["error"]) for item in items if "error" in item],
-    }
-
-
 @dataclass
 class EncodedImages:
     """Per-image outputs of a batched pass, the dataset rows they belong to, and the files that were skipped."""
@@ -157,31 +100,33 @@ class EncodedImages:
 
 @torch.no_grad()
 def encode_images(
-    dataset: ImageFileDataset,
+    paths: Sequence[str],
+    image_processor: Any,
     encode: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     *,
     batch_size: int = 64,
     num_workers: int = 0,
+    reader: Callable[[int], Any] | None = None,
     desc: str = "encoding images",
 ) -> EncodedImages:
-    """Run `encode(pixel_values)` over the dataset in batches; unreadable files are logged and skipped."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images, shuffle=False
-    )
+    """Run `encode(pixel_values)` over the images in batches; unreadable files are logged and skipped.
+
+    `paths` name the images (read from disk, or with `reader`, `reader(i)` gives the source of image i).
+    """
+    loader = make_image_loader(paths, image_processor, batch_size, num_workers, reader=reader)
     features, indices, skipped = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        for index, error in batch["errors"]:
-            skipped.append({"path": str(dataset.sources[index]), "error": error})
-        if batch["pixel_values"] is None:
+        skipped += [{"path": str(paths[index]), "error": error} for index, error in batch.failed]
+        if batch.pixel_values is None:
             continue
-        outputs = encode(batch["pixel_values"].to(device, non_blocking=True))
+        outputs = encode(batch.pixel_values.to(device, non_blocking=True))
         features.append(outputs.float().cpu())
-        indices.append(batch["index"])
+        indices.append(torch.as_tensor(batch.indices, dtype=torch.long))
     for item in skipped:
         logger.warning("skipped %s (%s)", item["path"], item["error"])
     if not features:
-        raise RuntimeError(f"none of the {len(dataset)} images could be read; first error: {skipped[:1]}")
+        raise RuntimeError(f"none of the {len(paths)} images could be read; first error: {skipped[:1]}")
     return EncodedImages(torch.cat(features), torch.cat(indices).numpy(), skipped)
 
 
@@ -206,17 +151,6 @@ def encode_texts(
 
 
 # ----- results --------------------------------------------------------------------------------------------------------
-
-
-def format_ci(entry: dict[str, float], digits: int = 3) -> str:
-    """ "0.812 (0.790–0.833)" from a bootstrap/seed entry, or the bare value when no CI exists."""
-    value = entry.get("value", entry.get("mean"))
-    low, high = entry.get("ci_low"), entry.get("ci_high")
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "n/a"
-    if low is None or high is None or np.isnan(low) or np.isnan(high):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
 def write_results(result: dict[str, Any], markdown: str, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:

@@ -60,7 +60,7 @@ def cached_features(
     """Features of every readable image of `data` (a ClassificationSet), read from or written to the cache."""
     from safetensors.torch import load_file, save_file
 
-    from eval.common import ImageFileDataset, encode_images
+    from eval.common import encode_images
 
     key = f"{data.name}_{split}_{kind}_{_model_fingerprint(loaded.path)}"
     path = Path(cache_dir) / f"{key}.safetensors"
@@ -74,7 +74,8 @@ def cached_features(
             return FeatureSplit(load_file(str(path))["features"], data.targets[rows], stored["ids"])
         logger.warning("%s is stale (ids differ from the dataset); recomputing", path)
     encoded = encode_images(
-        ImageFileDataset(data.image_paths, loaded.image_processor),
+        data.image_paths,
+        loaded.image_processor,
         lambda pixel_values: loaded.image_features(pixel_values, kind),
         loaded.device,
         batch_size=batch_size,
@@ -124,7 +125,7 @@ def train_linear_head(
     seed: int = 0,
 ) -> tuple[torch.nn.Linear, list[dict[str, float]]]:
     """AdamW on a linear head over frozen features; returns the head of the best validation epoch and the history."""
-    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+    from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -168,8 +169,8 @@ def evaluate_linear_probe(
     num_resamples: int = 500,
 ) -> dict[str, Any]:
     """Test AUROC per label fraction: mean ± 1.96·SE over seeds, and a bootstrap CI for every (fraction, seed)."""
-    from eval.bootstrap import bootstrap_ci, seed_summary
-    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+    from chexficient.bootstrap import bootstrap_ci, seed_summary
+    from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     results: dict[str, Any] = {}
     runs = [(fraction, seed) for fraction in label_fractions for seed in seeds]
@@ -219,7 +220,7 @@ def evaluate_linear_probe(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from eval.common import format_ci
+    from chexficient.results import format_ci
 
     lines = [
         f"### Linear probe: {result['dataset']} ({result['num_test']} test images, {len(result['seeds'])} seeds,"

@@ -38,8 +38,8 @@ def evaluate_retrieval(
 
     CIs resample the queries (images for image-to-text, distinct texts for text-to-image); the gallery stays whole.
     """
-    from eval.bootstrap import bootstrap_ci
-    from eval.metrics.retrieval_recall.retrieval_recall import retrieval_ranks, retrieval_recall
+    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.retrieval_recall.retrieval_recall import retrieval_ranks, retrieval_recall
 
     similarity = (image_embeds.float() @ text_embeds.float().T).numpy()  # [N, T] cosine (both normalised)
     positives = np.zeros(similarity.shape, dtype=bool)
@@ -62,7 +62,7 @@ def evaluate_retrieval(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from eval.common import format_ci
+    from chexficient.results import format_ci
 
     metrics = result["metrics"]
     names = [name for name in metrics["image_to_text"] if name.startswith("recall@")] + ["mean_rank"]
@@ -98,7 +98,7 @@ class RetrievalArguments:
 
 def run_retrieval(args: RetrievalArguments) -> dict[str, Any]:
     """Evaluate, write `retrieval_<dataset>.json` and `.md` under `args.out_dir`, and return the result."""
-    from eval.common import ImageFileDataset, encode_images, encode_texts, load_model_and_processor, write_results
+    from eval.common import encode_images, encode_texts, load_model_and_processor, write_results
     from eval.datasets import load_retrieval
 
     data = load_retrieval(args.dataset, args.root)
@@ -106,7 +106,8 @@ def run_retrieval(args: RetrievalArguments) -> dict[str, Any]:
     if not loaded.is_chexficient:
         raise ValueError(f"{args.model}: retrieval needs a CheXficient model with a text tower.")
     encoded = encode_images(
-        ImageFileDataset(data.image_paths, loaded.image_processor),
+        data.image_paths,
+        loaded.image_processor,
         loaded.model.get_image_features,
         loaded.device,
         batch_size=args.batch_size,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eval.common import preprocess_image
+from chexficient.images import DECODE_ERRORS, ImageBatch, ImageDataset, collate_images
 
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,9 @@ def mask_to_model_grid(masks: np.ndarray, image_processor: Any) -> np.ndarray:
     return masks
 
 
-class SegmentationImageDataset(torch.utils.data.Dataset):
-    """(pixel_values, masks) of a SegmentationSet; a bad image or mask yields an error record."""
+class SegmentationImageDataset(ImageDataset):
+    """(pixel_values, masks) of a SegmentationSet; a bad image or mask yields an error record (the project's one
+    decode-error policy, `chexficient.images.DECODE_ERRORS`)."""
 
     def __init__(self, data: Any, image_processor: Any):
         size = getattr(image_processor, "size", None) or {}
@@ -138,29 +139,27 @@ class SegmentationImageDataset(torch.utils.data.Dataset):
                 f"{type(image_processor).__name__} resizes to {size}; masks can follow a shortest-edge resize and a "
                 "centre crop only (CheXficient's and DINOv2's processors)."
             )
-        self.data, self.image_processor = data, image_processor
-
-    def __len__(self) -> int:
-        return len(self.data)
+        super().__init__(data.image_paths, image_processor, reader=data.read_image)
+        self.data = data
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        name = str(self.data.image_paths[index])
+        record = super().__getitem__(index)
+        if record["error"] is not None:
+            return {**record, "masks": None}
         try:
-            pixels = preprocess_image(self.image_processor, self.data.read_image(index), name)
             masks = mask_to_model_grid(self.data.read_mask(index), self.image_processor)
-        except (OSError, ValueError, RuntimeError) as error:
-            return {"index": index, "error": f"{type(error).__name__}: {error}"}
-        if masks.shape[1:] != pixels.shape[1:]:
-            return {"index": index, "error": f"mask {masks.shape[1:]} does not match the image {pixels.shape[1:]}"}
-        return {"index": index, "pixel_values": torch.from_numpy(pixels), "masks": torch.from_numpy(masks)}
+        except DECODE_ERRORS as error:
+            return {**record, "pixel_values": None, "masks": None, "error": f"{self.items[index].path}: mask: {error}"}
+        if masks.shape[1:] != record["pixel_values"].shape[1:]:
+            error = f"mask {masks.shape[1:]} does not match the image {tuple(record['pixel_values'].shape[1:])}"
+            return {**record, "pixel_values": None, "masks": None, "error": error}
+        return {**record, "masks": torch.from_numpy(masks)}
 
 
-def collate_segmentation(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`collate_images` plus the stacked masks of the readable samples."""
-    from eval.common import collate_images
-
-    masks = [item["masks"] for item in items if "masks" in item]
-    return {**collate_images(items), "masks": torch.stack(masks) if masks else None}
+def collate_segmentation(records: list[dict[str, Any]]) -> tuple[ImageBatch, torch.Tensor | None]:
+    """The batch of readable images (`collate_images`) and their stacked masks."""
+    masks = [record["masks"] for record in records if record["error"] is None]
+    return collate_images(records), torch.stack(masks) if masks else None
 
 
 @dataclass
@@ -186,15 +185,15 @@ def encode_segmentation_split(
         collate_fn=collate_segmentation,
     )
     features, masks, indices, skipped = [], [], [], []
-    for batch in tqdm(loader, desc=f"encoding {data.name}", unit="batch", leave=False):
-        skipped += [{"path": str(data.image_paths[i]), "error": e} for i, e in batch["errors"]]
-        if batch["pixel_values"] is None:
+    for batch, batch_masks in tqdm(loader, desc=f"encoding {data.name}", unit="batch", leave=False):
+        skipped += [{"path": str(data.image_paths[i]), "error": e} for i, e in batch.failed]
+        if batch.pixel_values is None:
             continue
-        states = loaded.vision_hidden_states(batch["pixel_values"].to(loaded.device))
+        states = loaded.vision_hidden_states(batch.pixel_values.to(loaded.device))
         maps = patch_feature_maps(states, num_levels, grid)
         features.append(torch.stack(maps, dim=1).half().cpu())  # [B, L, H, g, g]
-        masks.append(batch["masks"])
-        indices.append(batch["index"])
+        masks.append(batch_masks)
+        indices.append(torch.as_tensor(batch.indices, dtype=torch.long))
     for item in skipped:
         logger.warning("skipped %s (%s)", item["path"], item["error"])
     if not features:
@@ -243,7 +242,7 @@ def train_segmentation_decoder(
     device: torch.device | str = "cpu",
 ) -> tuple[UNetDecoder, list[dict[str, float]]]:
     """Train the decoder with AdamW on Dice + BCE; keep the epoch with the best validation mean Dice."""
-    from eval.metrics.dice.dice import dice_per_image
+    from chexficient.metrics.dice.dice import dice_per_image
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -280,8 +279,8 @@ def evaluate_segmentation(
     predictions: np.ndarray, references: np.ndarray, classes: Sequence[str], *, num_resamples: int = 500, seed: int = 0
 ) -> dict[str, Any]:
     """Per-class and mean Dice of binary masks [N, K, h, w], with percentile-bootstrap CIs over images."""
-    from eval.bootstrap import bootstrap_ci
-    from eval.metrics.dice.dice import dice_per_image, summarize_dice
+    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.dice.dice import dice_per_image, summarize_dice
 
     per_image = dice_per_image(predictions, references)  # [N, K]
     intervals = bootstrap_ci(
@@ -295,7 +294,7 @@ def evaluate_segmentation(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from eval.common import format_ci
+    from chexficient.results import format_ci
 
     metrics = result["metrics"]
     lines = [

@@ -2,7 +2,8 @@
 
 For each finding c the image embedding is compared with the prompts "{c}" and "no {c}" ("there is Finding" for
 No Finding); a softmax over the two raw cosine similarities (no logit scale) gives p(c). Other prompt templates and
-prompt ensembles (text embeddings averaged over templates) are options beyond the paper.
+prompt ensembles (text embeddings averaged over templates) are options beyond the paper. The scoring is the model's
+own `zero_shot_classify`; this program adds datasets, bootstrap CIs and the report.
 
     python -m eval.zero_shot --model outputs/demo/final --dataset phantom --root outputs/demo/phantoms
     python -m eval.zero_shot --model DIR --dataset chexpert --root /data/chexlocalize --prompts report
@@ -14,94 +15,30 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 
-PromptPairs = tuple[tuple[str, str], ...]
+def load_prompts(spec: str) -> str | tuple[tuple[str, str], ...]:
+    """A preset name of the model's `ZERO_SHOT_PROMPTS` ("paper", "report"), or a JSON file holding a list of
+    [positive, negative] template pairs (`{c}`: the label as written, `{c_lower}`: lower-cased)."""
+    from modeling_chexficient import ZERO_SHOT_PROMPTS
 
-PAPER_PROMPTS: PromptPairs = (("{c}", "no {c}"),)
-REPORT_PROMPTS: PromptPairs = (
-    ("There is {c_lower}.", "There is no {c_lower}."),
-    ("{c} is present.", "No {c_lower}."),
-    ("Findings consistent with {c_lower}.", "No evidence of {c_lower}."),
-)
-PROMPT_PRESETS: dict[str, PromptPairs] = {"paper": PAPER_PROMPTS, "report": REPORT_PROMPTS}
-
-
-def load_prompts(spec: str) -> PromptPairs:
-    """A preset name ("paper", "report") or a JSON file holding a list of [positive, negative] template pairs.
-
-    Templates use `{c}` (the label as written) and `{c_lower}` (lower-cased).
-    """
-    if spec in PROMPT_PRESETS:
-        return PROMPT_PRESETS[spec]
+    if spec in ZERO_SHOT_PROMPTS:
+        return spec
     try:
         with open(spec) as handle:
             pairs = json.load(handle)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"--prompts {spec!r} is neither a preset {sorted(PROMPT_PRESETS)} nor a file."
+            f"--prompts {spec!r} is neither a preset {sorted(ZERO_SHOT_PROMPTS)} nor a file."
         ) from None
     if not (isinstance(pairs, list) and pairs and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
         raise ValueError(f"{spec}: expected a non-empty JSON list of [positive, negative] template pairs.")
     return tuple((str(p), str(n)) for p, n in pairs)
-
-
-def prompt_pairs(label: str, templates: PromptPairs = PAPER_PROMPTS) -> list[tuple[str, str]]:
-    """The (positive, negative) prompts of one label; the paper preset uses the released model's exact prompts."""
-    from modeling_chexficient import zero_shot_prompts
-
-    if tuple(templates) == PAPER_PROMPTS:
-        return [zero_shot_prompts(label)]
-    return [
-        (pos.format(c=label, c_lower=label.lower()), neg.format(c=label, c_lower=label.lower()))
-        for pos, neg in templates
-    ]
-
-
-@torch.no_grad()
-def class_text_embeddings(
-    model: Any, tokenizer: Any, labels: Sequence[str], templates: PromptPairs = PAPER_PROMPTS, max_length: int = 256
-) -> torch.Tensor:
-    """Prompt embeddings [C, 2, D] (positive, negative), averaged over the templates and re-normalised."""
-    from eval.common import encode_texts
-
-    pairs = [prompt_pairs(label, templates) for label in labels]
-    texts = [prompt for label_pairs in pairs for pair in label_pairs for prompt in pair]  # C x T x 2
-    embeds = encode_texts(model, tokenizer, texts, max_length=max_length)
-    embeds = embeds.view(len(labels), len(pairs[0]), 2, -1).mean(dim=1)  # [C, 2, D]
-    return torch.nn.functional.normalize(embeds, dim=-1)
-
-
-def zero_shot_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """p(finding) [N, C]: softmax over the raw cosines with the positive and negative prompt ([N, D], [C, 2, D])."""
-    cosine = torch.einsum("nd,ckd->nck", image_embeds.float(), text_embeds.float())  # [N, C, 2]
-    return cosine.softmax(dim=-1)[..., 0]
-
-
-def zero_shot_probabilities(
-    model: Any, tokenizer: Any, batches: Iterable[dict[str, Any]], labels: Sequence[str], device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities [N, C] of every label for every valid image in `batches`, and the row indices [N] used.
-
-    Each batch needs `pixel_values` and may carry `valid` (bool [B]) and `sample_index` ([B]). Used by periodic
-    evaluation during pretraining, where the batches come from the training collator.
-    """
-    probabilities, indices = [], []
-    with torch.no_grad():
-        for batch in batches:
-            pixel_values = batch["pixel_values"].to(device)
-            valid = batch.get("valid", torch.ones(len(pixel_values), dtype=torch.bool)).to(device)
-            probs = model.zero_shot_classify(labels, tokenizer, image_embeds=model.get_image_features(pixel_values))
-            probabilities.append(probs[valid].float().cpu())
-            index = batch.get("sample_index", torch.arange(len(pixel_values)))
-            indices.append(index[valid.cpu()])
-    return torch.cat(probabilities).numpy(), torch.cat(indices).numpy()
 
 
 def evaluate_zero_shot(
@@ -114,8 +51,8 @@ def evaluate_zero_shot(
 ) -> dict[str, Any]:
     """AUROC and AUPRC (per class and macro) of `scores` [N, C] against `targets` [N, C] in {1, 0, -1}, with
     percentile-bootstrap CIs over images."""
-    from eval.bootstrap import bootstrap_ci
-    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     point = multilabel_auc(scores, targets, labels)
     intervals = bootstrap_ci(
@@ -136,7 +73,7 @@ def evaluate_zero_shot(
 
 def markdown_table(result: dict[str, Any]) -> str:
     """Per-class AUROC / AUPRC with 95% CIs and the macro row."""
-    from eval.common import format_ci
+    from chexficient.results import format_ci
 
     metrics = result["metrics"]
     lines = [
@@ -178,24 +115,29 @@ class ZeroShotArguments:
 
 def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:
     """Evaluate, write `zero_shot_<dataset>.json` and `.md` under `args.out_dir`, and return the result."""
-    from eval.common import ImageFileDataset, encode_images, load_model_and_processor, write_results
+    from eval.common import encode_images, load_model_and_processor, write_results
     from eval.datasets import load_classification
 
-    templates = load_prompts(args.prompts)
+    from modeling_chexficient import resolve_prompt_templates
+
+    prompts = load_prompts(args.prompts)
     data = load_classification(args.dataset, args.root, split=args.split)
     loaded = load_model_and_processor(args.model, device=args.device)
     if not loaded.is_chexficient:
         raise ValueError(f"{args.model}: zero-shot classification needs a CheXficient model with a text tower.")
     encoded = encode_images(
-        ImageFileDataset(data.image_paths, loaded.image_processor),
+        data.image_paths,
+        loaded.image_processor,
         loaded.model.get_image_features,
         loaded.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         desc=f"zero-shot {data.name}",
     )
-    text_embeds = class_text_embeddings(loaded.model, loaded.tokenizer, data.labels, templates)
-    scores = zero_shot_scores(encoded.features, text_embeds).numpy()
+    scores = loaded.model.zero_shot_classify(
+        data.labels, loaded.tokenizer, image_embeds=encoded.features.to(loaded.device), prompts=prompts
+    )
+    scores = scores.cpu().numpy()
     targets = data.targets[encoded.indices]
     result = {
         "task": "zero_shot",
@@ -203,7 +145,10 @@ def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:
         "split": args.split,
         "model": args.model,
         "labels": list(data.labels),
-        "protocol": {"prompts": [list(p) for p in templates], "score": "softmax over (cos_pos, cos_neg), no scale"},
+        "protocol": {
+            "prompts": [list(p) for p in resolve_prompt_templates(prompts)],
+            "score": "softmax over (cos_pos, cos_neg), no scale",
+        },
         "num_images": int(len(encoded.indices)),
         "num_resamples": args.num_resamples,
         "seed": args.seed,

@@ -24,19 +24,19 @@ from torch.utils.data import Dataset
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llava_rad.model import IMAGE_TOKEN, VICUNA_V1_SYSTEM
-from train.data import clean_text
+from chexficient.images import decode_image
+from chexficient.manifests import clean_text
+from llava_rad.prompt import IMAGE_TOKEN, TEMPLATES, build_instruction, conversation_text
 
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-INSTRUCTION = "Provide a description of the findings in the radiology image."
-INSTRUCTION_WITH_INDICATION = (
-    "Provide a description of the findings in the radiology image given the following indication: {indication}"
-)
 FRONTAL_VIEWS = frozenset({"AP", "PA"})
-TEMPLATES = ("v1", "plain")
+
+
+class NoAnswerError(ValueError):
+    """Truncation to `max_length` left no answer token: the example has nothing to learn from."""
 
 
 @dataclass
@@ -52,26 +52,6 @@ class ReportExample:
     @property
     def instruction(self) -> str:
         return build_instruction(self.indication)
-
-
-def build_instruction(indication: str | None = None) -> str:
-    """LLaVA-Rad's instruction, with the indication (newlines flattened) when there is one."""
-    indication = clean_text(indication)
-    return INSTRUCTION_WITH_INDICATION.format(indication=indication) if indication else INSTRUCTION
-
-
-def conversation_text(instruction: str, answer: str | None = None, template: str = "v1") -> tuple[str, str]:
-    """(prompt, answer) strings of one turn; the tokenizer adds <s>.
-
-    v1: "{system} USER: <image>\\n{instruction} ASSISTANT:" and " {answer}</s>" (the Vicuna v1 chat template).
-    plain (alignment): "<image>" and "{answer}\\n"; the instruction is dropped, as LLaVA's plain template does.
-    """
-    if template == "v1":
-        prompt = f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{instruction} ASSISTANT:"
-        return prompt, "" if answer is None else f" {answer}</s>"
-    if template == "plain":
-        return IMAGE_TOKEN, "" if answer is None else f"{answer}\n"
-    raise ValueError(f"unknown template {template!r}; use one of {TEMPLATES}.")
 
 
 def tokenize_example(
@@ -108,6 +88,10 @@ def tokenize_example(
         if last_image >= max_length:
             raise ValueError(f"max_length {max_length} cuts into the {image_seq_length} image tokens.")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if not bool((labels != IGNORE_INDEX).any()):
+        raise NoAnswerError(
+            f"max_length {max_length} leaves no answer token to learn from ({input_ids.numel()} prompt tokens)."
+        )
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -316,8 +300,9 @@ class LlavaRadDataset(Dataset):
     """Tokenized examples with their image: `pixel_values` from the CheXficient image processor, or the tower's
     `image_features` from a feature store (which holds only readable images).
 
-    An unreadable image is logged with its path and replaced by the next readable example, so that every process
-    keeps the same number of steps; `skipped` records the images that failed.
+    An unreadable image (the project's decode-error policy) or an example whose truncation leaves no answer token is
+    logged and replaced by the next usable example, so that every process keeps the same number of steps; `skipped`
+    maps the ids left out to the reason.
     """
 
     def __init__(
@@ -353,7 +338,7 @@ class LlavaRadDataset(Dataset):
         self.template = template
         self.max_length = max_length
         self.max_retries = max_retries
-        self.skipped: set[str] = set()
+        self.skipped: dict[str, str] = {}  # example id -> why it was left out
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -371,18 +356,26 @@ class LlavaRadDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(self.max_retries):
             example = self.examples[(index + attempt) % len(self.examples)]
+            if example.id in self.skipped:
+                continue
+            try:
+                tokens = self.tokenize(example)
+            except NoAnswerError as error:  # truncation left nothing to learn from
+                self._skip(example, str(error))
+                continue
             if self.feature_store is not None:
-                image = {"image_features": self.feature_store[example.id]}
-            else:
-                try:
-                    image = {"pixel_values": torch.from_numpy(self.image_processor.process_one(example.image))}
-                except ValueError as error:
-                    if example.image not in self.skipped:
-                        logger.warning(f"skipping unreadable image: {error}")
-                        self.skipped.add(example.image)
-                    continue
-            return {"id": example.id, **self.tokenize(example), **image}
-        raise RuntimeError(f"{self.max_retries} consecutive unreadable images from index {index}; check the data.")
+                return {"id": example.id, **tokens, "image_features": self.feature_store[example.id]}
+            pixels, error = decode_image(self.image_processor, example.image, example.image)
+            if pixels is None:
+                self._skip(example, error)
+                continue
+            return {"id": example.id, **tokens, "pixel_values": torch.from_numpy(pixels)}
+        raise RuntimeError(f"{self.max_retries} consecutive unusable examples from index {index}; check the data.")
+
+    def _skip(self, example: ReportExample, reason: str) -> None:
+        if example.id not in self.skipped:
+            logger.warning(f"skipping example {example.id}: {reason}")
+            self.skipped[example.id] = reason
 
 
 @dataclass

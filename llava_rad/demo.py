@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llava_rad.data import INSTRUCTION, INSTRUCTION_WITH_INDICATION, ReportExample, write_examples_csv
-from llava_rad.model import VICUNA_V1_SYSTEM
+from llava_rad.data import ReportExample, write_examples_csv
+from llava_rad.prompt import INSTRUCTION, INSTRUCTION_WITH_INDICATION, VICUNA_V1_SYSTEM
 
 
 DEMO_INDICATIONS = ("Shortness of breath.", "Fever and cough.", "Chest pain.", "Line placement.", None)
@@ -143,7 +143,7 @@ def save_tiny_chexficient(folder: str | os.PathLike, image_size: int = 56, hidde
 
 def phantom_examples(root: Path, num_train: int, num_test: int, image_size: int, seed: int = 0):
     """Phantom (train, test) examples with findings and a random indication (or none)."""
-    from train.phantoms import write_phantom_dataset
+    from chexficient.phantoms import write_phantom_dataset
 
     written = write_phantom_dataset(root, num_train=num_train, num_test=num_test, seed=seed, image_size=image_size)
     import pandas as pd

@@ -35,7 +35,9 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import HfArgumentParser, LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_rad.model import DTYPES, IMAGE_PROCESSOR_FIELDS, LlavaRadSources, build_llava_rad, load_projector
+from chexficient.runtime import torch_dtype
+from llava_rad.model import IMAGE_PROCESSOR_FIELDS, LlavaRadSources, build_llava_rad, load_projector
+from llava_rad.prompt import save_prompt
 
 
 def load_trained(
@@ -105,6 +107,7 @@ def export(
         model.save_pretrained(output / "adapter")
         model.unload().save_pretrained(output)  # the base without LoRA layers
     processor.save_pretrained(output)
+    save_prompt(output)  # the instruction, for clients that build prompts from the folder alone (the Space)
     return output
 
 
@@ -119,10 +122,12 @@ class ExportArguments:
 
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args.dtype!r}.")
     folder = export(
-        args.checkpoint, args.output, dtype=DTYPES[args.dtype], merge=args.merge, image_processor=args.image_processor
+        args.checkpoint,
+        args.output,
+        dtype=torch_dtype(args.dtype),
+        merge=args.merge,
+        image_processor=args.image_processor,
     )
     print(f"exported to {folder}: LlavaForConditionalGeneration.from_pretrained({str(folder)!r})")
     return folder

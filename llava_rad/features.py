@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from inference.inputs import InputItem, make_loader
+from chexficient.images import InputItem, make_image_loader
 from llava_rad.data import ReportExample
 from llava_rad.model import vision_features
 
@@ -113,7 +113,7 @@ def compute_feature_store(
         raise ValueError("example ids must be unique to key the feature store.")
     device = torch.device(device) if device is not None else model.device
     mine = list(examples)[rank::world_size]
-    loader = make_loader([InputItem(e.id, e.image) for e in mine], image_processor, batch_size, num_workers)
+    loader = make_image_loader([InputItem(e.id, e.image) for e in mine], image_processor, batch_size, num_workers)
     shards: dict[str, str] = {}
     skipped: list[str] = []
     pending: dict[str, torch.Tensor] = {}

@@ -30,9 +30,10 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import AutoTokenizer, HfArgumentParser, LlavaForConditionalGeneration
 
-from inference.inputs import InputItem, make_loader
+from chexficient.images import InputItem, make_image_loader
+from chexficient.runtime import torch_dtype
 from llava_rad.data import ReportExample, load_examples, prompt_ids
-from llava_rad.model import DTYPES, IMAGE_PROCESSOR_FIELDS, RUN_INFO_FILENAME, build_processor
+from llava_rad.model import IMAGE_PROCESSOR_FIELDS, RUN_INFO_FILENAME, build_processor
 
 from image_processing_chexficient import CheXficientImageProcessor
 
@@ -92,7 +93,7 @@ def generate_reports(
     device = model.device
     tower_dtype = model.model.vision_tower.dtype
     records, skipped = [], []
-    loader = make_loader([InputItem(e.id, e.image) for e in examples], image_processor, batch_size, num_workers)
+    loader = make_image_loader([InputItem(e.id, e.image) for e in examples], image_processor, batch_size, num_workers)
     bar = tqdm(total=len(examples), desc="generate", disable=not progress)
     for batch in loader:
         for index, error in batch.failed:
@@ -153,8 +154,7 @@ class GenerateArguments:
     def __post_init__(self):
         if (self.manifest is None) == (self.images is None):
             raise ValueError("give either --manifest or --images.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        torch_dtype(self.dtype, "--dtype")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         examples = [ReportExample(id=Path(p).stem, image=p, indication=args.indication) for p in args.images]
     examples = examples[: args.max_samples] if args.max_samples else examples
-    model, processor = load_for_generation(args.model, DTYPES[args.dtype], device)
+    model, processor = load_for_generation(args.model, torch_dtype(args.dtype), device)
     records, skipped = generate_reports(
         model,
         processor,

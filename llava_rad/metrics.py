@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.bootstrap import bootstrap_ci
+from chexficient.bootstrap import bootstrap_ci
 from llava_rad.metric_modules.chexbert_f1.chexbert_f1 import CheXbertLabeler, chexbert_f1_from_labels
 from llava_rad.metric_modules.radgraph_f1.radgraph_f1 import radgraph_f1_scores
 from llava_rad.metric_modules.report_bertscore.report_bertscore import bertscore_f1

@@ -35,39 +35,13 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llava_rad.prompt import IMAGE_TOKEN, VICUNA_V1_CHAT_TEMPLATE
+
 from image_processing_chexficient import CheXficientImageProcessor
 from modeling_chexficient import CheXficientVisionModel
 
 
 DEFAULT_LANGUAGE_MODEL = "lmsys/vicuna-7b-v1.5"
-IMAGE_TOKEN = "<image>"
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-# Vicuna v1 (LLaVA's `conv_vicuna_v1`, SeparatorStyle.TWO with seps " " and "</s>"): "{system} USER: {user}
-# ASSISTANT: {answer}</s>USER: ...". An image item renders as "<image>\n" ahead of the user's text, as LLaVA's
-# `preprocess_multimodal` places it. The tokenizer adds <s>, so the template does not.
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
-    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
-    "{%- set messages = messages[1:] -%}"
-    "{%- endif -%}"
-    "{{- ns.system + ' ' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}{%- else -%}{{- 'ASSISTANT: ' -}}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
 # LoRA on the language model's attention and MLP projections only (LLaVA-Rad's `find_all_linear_names` minus the
 # vision and projector linears, which do not exist yet when LLaVA-Rad applies LoRA). PEFT full-matches a string.
 LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -87,8 +61,6 @@ IMAGE_PROCESSOR_FIELDS = (
     "image_mean",
     "image_std",
 )
-# the --dtype / --feature_dtype choices of train.py, export.py and generate.py
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -309,13 +281,9 @@ def apply_lora(
 
 __all__ = [
     "DEFAULT_LANGUAGE_MODEL",
-    "DTYPES",
     "IMAGE_PROCESSOR_FIELDS",
-    "IMAGE_TOKEN",
     "LORA_TARGET_MODULES",
     "LlavaRadSources",
-    "VICUNA_V1_CHAT_TEMPLATE",
-    "VICUNA_V1_SYSTEM",
     "apply_lora",
     "assemble_llava",
     "build_llava_rad",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,18 +31,19 @@ from torch import nn
 if __package__ in (None, ""):  # `accelerate launch llava_rad/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from chexficient.checkpoints import checkpoint_record, find_checkpoint, save_checkpoint
+from chexficient.presets import parse_with_presets
+from chexficient.runtime import make_accelerator, torch_dtype
 from llava_rad.data import LlavaRadCollator, LlavaRadDataset, load_examples
 from llava_rad.features import FeatureStore, compute_feature_store, merge_feature_index, tower_fingerprint
 from llava_rad.model import (
     DEFAULT_LANGUAGE_MODEL,
-    DTYPES,
     PROJECTOR_FILENAME,
     LlavaRadSources,
     apply_lora,
@@ -53,8 +53,6 @@ from llava_rad.model import (
     projector,
     save_projector,
 )
-from train.arguments import parse_with_presets
-from train.checkpoints import checkpoint_record, find_checkpoint, save_checkpoint
 
 
 logger = get_logger(__name__)  # inside main(), where Accelerate is initialised
@@ -82,8 +80,7 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute LM activations in backward"})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        torch_dtype(self.dtype, "--dtype")
 
 
 @dataclass
@@ -101,8 +98,7 @@ class DataArguments:
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self):
-        if self.feature_dtype not in DTYPES:
-            raise ValueError(f"--feature_dtype must be one of {list(DTYPES)}, got {self.feature_dtype!r}.")
+        torch_dtype(self.feature_dtype, "--feature_dtype")
 
 
 @dataclass
@@ -136,8 +132,6 @@ class TrainArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {list(STAGES)}, got {self.stage!r}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
         defaults = STAGES[self.stage]
         self.template = self.template or defaults["template"]
         self.num_epochs = self.num_epochs or defaults["epochs"]
@@ -219,7 +213,7 @@ def prepare_features(model, examples, processor, data_args, accelerator) -> Feat
             processor.image_processor,
             folder,
             batch_size=data_args.feature_batch_size,
-            dtype=DTYPES[data_args.feature_dtype],
+            dtype=torch_dtype(data_args.feature_dtype),
             num_workers=data_args.num_workers,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
@@ -250,14 +244,12 @@ def save_stage_output(accelerator, module, processor, sources, stage, output_dir
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, lora_args, train_args = parse_arguments(argv)
     output_dir = Path(train_args.output_dir)
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and (train_args.cpu or not torch.cuda.is_available())
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=train_args.cpu,
         mixed_precision=train_args.mixed_precision,
+        output_dir=output_dir,
+        report_to=train_args.report_to,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=None if train_args.report_to == "none" else train_args.report_to,
-        project_dir=str(output_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
     )
     set_seed(train_args.seed)
@@ -270,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_size=model_args.image_size,
     )
     model, processor = build_llava_rad(
-        sources, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+        sources, dtype=torch_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
     )
     image_seq_length = model.config.image_seq_length
     load_kwargs = {"frontal_only": data_args.frontal_only} if data_args.train_data.endswith(".json") else {}
@@ -391,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "last_loss": losses[-1] if losses else None,
         "trainable_tensors": len(trainable),
         "trainable_parameters": num_trainable,
-        "skipped_images": sorted(dataset.skipped),
+        "skipped_examples": dict(sorted(dataset.skipped.items())),
         "seconds": round(time.time() - started, 1),
     }
     save_stage_output(accelerator, module, processor, sources, train_args.stage, output_dir, {"summary": summary})

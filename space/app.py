@@ -15,6 +15,7 @@ preprocesses them, and the model's `zero_shot_classify` scores findings with the
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,34 +31,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = "outputs/demo/final"
 DEFAULT_REPORT_BANK = HERE / "report_bank.csv"
-# The CheXpert 14 observations, in the project's evaluation order (eval/datasets.py, the reference code's).
-DEFAULT_FINDINGS = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-    "No Finding",
-)
 MAX_FINDINGS = 40
 MAX_FINDING_CHARS = 80
 PREVIEW_MIN_SIZE = 256
-REPORT_INSTRUCTION = "Provide a description of the findings in the radiology image."
-REPORT_INSTRUCTION_WITH_INDICATION = (
-    "Provide a description of the findings in the radiology image given the following indication: {indication}"
-)
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+REPORT_PROMPT_FILE = "report_prompt.json"  # written by llava_rad/export.py: the instruction the model learnt
 DISCLAIMER = (
     "**Research use only.** This demo is not a medical device and must not be used for diagnosis, triage or any "
     "clinical decision. Do not upload identifiable patient data."
@@ -140,7 +117,7 @@ class CheXficientSpace:
         dtype = "auto" if self.device.type == "cuda" else torch.float32
         self.model = AutoModel.from_pretrained(self.model_path, trust_remote_code=True, dtype=dtype)
         self.model = self.model.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=True)
+        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=True)  # CheXficient's own
         self.reports = load_report_bank(report_bank or DEFAULT_REPORT_BANK)
         self.top_k = top_k
         self._report_embeds: torch.Tensor | None = None
@@ -148,6 +125,11 @@ class CheXficientSpace:
     @property
     def image_processor(self) -> Any:
         return self.processor.image_processor
+
+    @property
+    def default_findings(self) -> tuple[str, ...]:
+        """The findings the model folder's own code names (the CheXpert 14 for CheXficient)."""
+        return tuple(getattr(self.model, "zero_shot_default_labels", ()))
 
     def decode(self, path: str | os.PathLike) -> Any:
         """The decoded upload (8-bit PIL image or float array in [0, 1]); UploadError naming the file if unreadable."""
@@ -222,18 +204,20 @@ class ReportGenerator:
         self.device = default_device()
         dtype = "auto" if self.device.type == "cuda" else torch.float32
         self.model = LlavaForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=True)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)  # a stock LlavaProcessor: no remote code
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError(
+                f"{self.model_path}: the processor has no chat template; export with llava_rad/export.py."
+            )
+        self.instructions = read_report_prompt(self.model_path)
 
     def prompt(self, indication: str | None = None) -> str:
-        """The LLaVA-Rad instruction in the folder's chat template (Vicuna v1 when the folder has none)."""
+        """The instruction the model was trained with (from the folder), in the folder's chat template."""
         indication = " ".join((indication or "").split())
-        instruction = (
-            REPORT_INSTRUCTION_WITH_INDICATION.format(indication=indication) if indication else REPORT_INSTRUCTION
-        )
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return f"{VICUNA_V1_SYSTEM} USER: <image>\n{instruction} ASSISTANT:"
+        key = "instruction_with_indication" if indication else "instruction"
+        instruction = self.instructions[key].format(indication=indication)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.no_grad()
     def generate(self, image: PIL.Image.Image, indication: str | None = None, max_new_tokens: int = 256) -> str:
@@ -243,6 +227,23 @@ class ReportGenerator:
         output = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
+def read_report_prompt(model: str) -> dict[str, str]:
+    """The instruction templates an exported LLaVA-Rad folder (or Hub repo) carries in `report_prompt.json`."""
+    path = Path(model) / REPORT_PROMPT_FILE
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, REPORT_PROMPT_FILE))
+        except Exception as error:  # not a Hub repo, offline, or no such file
+            raise FileNotFoundError(f"{model}: no {REPORT_PROMPT_FILE}; export with llava_rad/export.py.") from error
+    record = json.loads(path.read_text())
+    missing = [k for k in ("instruction", "instruction_with_indication") if not isinstance(record.get(k), str)]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}.")
+    return record
 
 
 def to_rgb(decoded: Any) -> PIL.Image.Image:
@@ -327,7 +328,7 @@ def build_demo(
             with gr.Column(scale=2):
                 with gr.Tab("Zero-shot findings"):
                     findings = gr.Textbox(
-                        value=", ".join(DEFAULT_FINDINGS),
+                        value=", ".join(space.default_findings),
                         lines=3,
                         label="Findings to score (comma- or newline-separated; edit freely)",
                         elem_id="findings",

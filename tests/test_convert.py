@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from transformers import BertConfig, BertModel
 
-from scripts.convert_original_checkpoint import build_model, convert_state_dict, load_reference_checkpoint
+from chexficient.convert import build_model, convert_state_dict, load_reference_checkpoint
 
 from modeling_chexficient import CheXficientModel
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.curation import (
+from chexficient.curation import CurationConfig, PrototypeCurator
+from chexficient.curation.functions import (
     assign_to_prototypes,
     concat_normalized,
     ema_update_prototypes,
@@ -18,7 +19,6 @@ from train.curation import (
     select_samples,
     sinkhorn_knopp,
 )
-from train.curator import CurationConfig, PrototypeCurator
 
 
 def _clustered(n_per: int, k: int, dim: int = 16, spread: float = 0.3, seed: int = 0):

@@ -290,7 +290,7 @@ def test_tbx11k(tmp_path: Path) -> None:
 
 
 def test_phantom_classification_and_retrieval(tmp_path: Path) -> None:
-    from train.phantoms import PHANTOM_LABELS, write_phantom_dataset
+    from chexficient.phantoms import PHANTOM_LABELS, write_phantom_dataset
 
     write_phantom_dataset(tmp_path, num_train=4, num_test=5, image_size=32)
     expected = pd.read_csv(tmp_path / "test.csv")

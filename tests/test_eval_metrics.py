@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from eval.bootstrap import bootstrap_ci, flatten_metrics, seed_summary
-from eval.metrics import METRIC_NAMES, load_metric
-from eval.metrics.dice.dice import dice_per_image
-from eval.metrics.multilabel_auc.multilabel_auc import binary_auprc, binary_auroc, multilabel_auc
-from eval.metrics.retrieval_recall.retrieval_recall import retrieval_ranks
+from chexficient.bootstrap import bootstrap_ci, flatten_metrics, seed_summary
+from chexficient.metrics import METRIC_NAMES, load_metric
+from chexficient.metrics.dice.dice import dice_per_image
+from chexficient.metrics.multilabel_auc.multilabel_auc import binary_auprc, binary_auroc, multilabel_auc
+from chexficient.metrics.retrieval_recall.retrieval_recall import retrieval_ranks
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_dice_module_matches_numpy():
 def test_every_metric_loads_offline_by_path():
     import evaluate
 
-    from eval.metrics import METRICS_DIR
+    from chexficient.metrics import METRICS_DIR
 
     for name in METRIC_NAMES:
         assert isinstance(evaluate.load(str(METRICS_DIR / name)), evaluate.Metric)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model
 
-from eval.common import ImageFileDataset, encode_images, load_model_and_processor
+from eval.common import encode_images, load_model_and_processor
 from eval.retrieval import deduplicate_texts, evaluate_retrieval
-from eval.zero_shot import PAPER_PROMPTS, class_text_embeddings, load_prompts, prompt_pairs, zero_shot_scores
+from eval.zero_shot import load_prompts
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    from train.phantoms import write_phantom_dataset
+    from chexficient.phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     write_phantom_dataset(root, num_train=60, num_test=40, image_size=64)  # 3 corrupt training files
@@ -35,31 +34,8 @@ def model_dir(tmp_path_factory):
 # ----- protocol checks on fixed embeddings ----------------------------------------------------------------------------
 
 
-def test_zero_shot_scores_are_a_softmax_over_raw_cosines():
-    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    text = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]])  # one class: positive, negative prompt
-    expected = [math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)), math.exp(0.8) / (math.exp(0.8) + math.exp(0.6))]
-    np.testing.assert_allclose(zero_shot_scores(image, text)[:, 0].numpy(), expected, rtol=1e-6)
-
-
-def test_paper_prompts_are_the_released_models(config, tokenizer):
-    from modeling_chexficient import CheXficientModel
-
-    assert prompt_pairs("Edema") == [("Edema", "no Edema")]
-    assert prompt_pairs("No Finding") == [("No Finding", "there is Finding")]
-    assert prompt_pairs("Edema", load_prompts("report"))[0] == ("There is edema.", "There is no edema.")
-    model = CheXficientModel(config).eval()
-    labels = ["Pneumothorax", "Cardiomegaly", "No Finding"]
-    text = class_text_embeddings(model, tokenizer, labels, PAPER_PROMPTS)
-    torch.testing.assert_close(text, model.get_zero_shot_text_embeds(labels, tokenizer), atol=1e-6, rtol=1e-5)
-    pixel_values = torch.randn(3, 3, 28, 28)
-    image = model.get_image_features(pixel_values)
-    torch.testing.assert_close(
-        zero_shot_scores(image, text), model.zero_shot_classify(labels, tokenizer, pixel_values=pixel_values)
-    )
-
-
 def test_prompt_files_are_validated(tmp_path):
+    assert load_prompts("report") == "report" and load_prompts("paper") == "paper"  # the model's presets
     good = tmp_path / "prompts.json"
     good.write_text(json.dumps([["{c} seen", "no {c_lower}"]]))
     assert load_prompts(str(good)) == (("{c} seen", "no {c_lower}"),)
@@ -91,7 +67,8 @@ def test_encode_images_skips_and_reports_unreadable_files(phantoms, model_dir):
     bad = phantoms / "not_an_image.png"
     bad.write_text("a report, not an image")
     encoded = encode_images(
-        ImageFileDataset(paths[:2] + [str(bad)] + paths[2:], loaded.image_processor),
+        paths[:2] + [str(bad)] + paths[2:],
+        loaded.image_processor,
         loaded.model.get_image_features,
         loaded.device,
         batch_size=2,
@@ -135,7 +112,7 @@ def test_zero_shot_cli_end_to_end(phantoms, model_dir, tmp_path):
     probs = loaded.model.zero_shot_classify(
         data.labels, loaded.tokenizer, pixel_values=loaded.image_processor(data.image_paths)["pixel_values"]
     ).numpy()
-    from eval.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+    from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     assert macro["value"] == pytest.approx(multilabel_auc(probs, data.targets, data.labels)["macro_auroc"], abs=1e-6)
 
@@ -222,8 +199,8 @@ def test_linear_head_learns_separable_features():
 
 
 def test_segmentation_cli_end_to_end(model_dir, tmp_path):
+    from chexficient.phantoms import write_phantom_segmentation
     from eval.segmentation import main
-    from train.phantoms import write_phantom_segmentation
 
     root = write_phantom_segmentation(tmp_path / "seg", num_train=8, num_val=4, num_test=4, image_size=64)
     result = main(
@@ -280,8 +257,8 @@ def test_mask_geometry_follows_the_image_processor():
 
 
 def test_report_aggregates_results_into_a_card_section(phantoms, model_dir, tmp_path):
+    from chexficient.results import model_index_entries
     from eval.report import main as report_main
-    from eval.report import model_index_entries
     from eval.retrieval import main as retrieval_main
     from eval.zero_shot import main as zero_shot_main
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_tokenizer
 
-from inference.cli import main
-from inference.embed import read_embeddings, run_embed
-from inference.engine import InferenceEngine
-from inference.inputs import discover_inputs
-from inference.synthetic import phantom_images, write_corrupt_files, write_dicom, write_png
+from chexficient.cli import main
+from chexficient.images import discover_inputs
+from chexficient.inference.embed import read_embeddings, run_embed
+from chexficient.inference.engine import InferenceEngine
+from chexficient.inference.synthetic import phantom_images, write_corrupt_files, write_dicom, write_png
 
 from image_processing_chexficient import CheXficientImageProcessor
 from modeling_chexficient import CheXficientModel
@@ -179,7 +179,7 @@ def test_int8_embeddings_agree_with_fp32(workspace):
     pixels = torch.from_numpy(
         np.stack([CheXficientImageProcessor(size={"shortest_edge": 28}).process_one(p) for p in workspace["good"]])
     )
-    fp32 = InferenceEngine.from_pretrained(workspace["model_dir"], dtype="fp32").embed_numpy(pixels)
+    fp32 = InferenceEngine.from_pretrained(workspace["model_dir"], dtype="float32").embed_numpy(pixels)
     int8_engine = InferenceEngine.from_pretrained(workspace["model_dir"], dtype="int8")
     assert any("quantized" in type(m).__module__ for m in int8_engine.model.modules())
     int8 = int8_engine.embed_numpy(pixels)

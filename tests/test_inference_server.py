@@ -18,8 +18,8 @@ import torch
 import uvicorn
 from test_inference_cli import LABELS, save_tiny_model, write_inputs
 
-from inference.engine import InferenceEngine
-from inference.server import create_app
+from chexficient.inference.engine import InferenceEngine
+from chexficient.inference.server import create_app
 
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor

@@ -16,12 +16,10 @@ from transformers import LlavaForConditionalGeneration
 from llava_rad import train as train_script
 from llava_rad.data import (
     IGNORE_INDEX,
-    INSTRUCTION,
     LlavaRadCollator,
     LlavaRadDataset,
+    NoAnswerError,
     ReportExample,
-    build_instruction,
-    conversation_text,
     load_findings_csv,
     load_llava_rad_json,
     prepare_mimic_findings,
@@ -29,7 +27,8 @@ from llava_rad.data import (
     write_examples_csv,
 )
 from llava_rad.demo import save_tiny_language_model
-from llava_rad.model import IMAGE_TOKEN, LlavaRadSources, build_llava_rad, num_image_tokens, vision_features
+from llava_rad.model import LlavaRadSources, build_llava_rad, num_image_tokens, vision_features
+from llava_rad.prompt import IMAGE_TOKEN, INSTRUCTION, build_instruction, conversation_text
 
 
 FINDINGS = [
@@ -193,6 +192,28 @@ def test_labels_cover_only_the_answer(parts):
         tokenize_example(tokenizer, INSTRUCTION, "x", 4, "plain", max_length=3)
 
 
+def test_truncation_that_leaves_no_answer_is_skipped_not_trained_on(parts):
+    _, processor = build_llava_rad(sources(parts))
+    tokenizer = processor.tokenizer
+    full = tokenize_example(tokenizer, INSTRUCTION, "No pleural effusion.", 4, "v1")
+    prompt_length = int((full["labels"] == IGNORE_INDEX).sum())  # everything before the first answer token
+    with pytest.raises(NoAnswerError, match="no answer token"):
+        tokenize_example(tokenizer, INSTRUCTION, "No pleural effusion.", 4, "v1", max_length=prompt_length)
+    one = tokenize_example(tokenizer, INSTRUCTION, "No pleural effusion.", 4, "v1", max_length=prompt_length + 1)
+    assert int((one["labels"] != IGNORE_INDEX).sum()) == 1
+    long_indication = "cough " * 40  # pushes this example's answer past max_length
+    examples = [
+        ReportExample("long", "a.png", "No pleural effusion.", indication=long_indication),
+        ReportExample("short", "b.png", "No pleural effusion."),
+    ]
+    store = {"long": torch.zeros(4, 8), "short": torch.ones(4, 8)}  # a feature store is a mapping id -> features
+    dataset = LlavaRadDataset(examples, tokenizer, 4, feature_store=store, template="v1", max_length=prompt_length + 3)
+    item = dataset[0]
+    assert item["id"] == "short" and torch.equal(item["image_features"], store["short"])
+    assert list(dataset.skipped) == ["long"] and "no answer token" in dataset.skipped["long"]
+    assert int((item["labels"] != IGNORE_INDEX).sum()) > 0
+
+
 def test_llava_rad_json_is_prepared_like_llava_rad(tmp_path):
     entries = [
         {"id": "a", "image": "mimic/p10/x.jpg", "view": "PA", "reason": "Cough.\nFever", "generate_method": "gpt4",
@@ -316,7 +337,7 @@ def test_both_stages_run_and_the_loss_falls(trained):
 def test_a_killed_stage_resumes_from_its_last_complete_checkpoint(parts, tmp_path):
     from safetensors.torch import load_file
 
-    from train.checkpoints import COMPLETE_MARKER
+    from chexficient.checkpoints import COMPLETE_MARKER
 
     common = {"num_epochs": 3, "per_device_batch_size": 2, "learning_rate": 3e-2, "warmup_ratio": 0.0}  # 6 steps
     straight = train_script.main(train_args(parts, tmp_path / "straight", "align", **common))

@@ -13,6 +13,7 @@ from transformers import BertConfig, Dinov2Config
 
 from configuration_chexficient import CheXficientConfig
 from modeling_chexficient import (
+    ZERO_SHOT_PROMPTS,
     CheXficientForImageClassification,
     CheXficientModel,
     CheXficientOutput,
@@ -20,6 +21,7 @@ from modeling_chexficient import (
     clip_loss,
     last_token_pool,
     zero_shot_prompts,
+    zero_shot_scores,
 )
 
 
@@ -216,8 +218,25 @@ def test_linear_probe_freezes_encoder_and_trains_head(config, tmp_path):
 
 
 def test_zero_shot_prompts_follow_the_paper():
-    assert zero_shot_prompts("Pneumothorax") == ("Pneumothorax", "no Pneumothorax")
-    assert zero_shot_prompts("No Finding") == ("No Finding", "there is Finding")
+    assert zero_shot_prompts("Pneumothorax") == [("Pneumothorax", "no Pneumothorax")]
+    assert zero_shot_prompts("No Finding") == [("No Finding", "there is Finding")]
+    report = zero_shot_prompts("Edema", "report")
+    assert report[0] == ("There is edema.", "There is no edema.") and len(report) == len(ZERO_SHOT_PROMPTS["report"])
+    assert zero_shot_prompts("No Finding", [("{c} seen", "no {c_lower}")]) == [("No Finding seen", "no no finding")]
+    with pytest.raises(ValueError, match="unknown prompt preset"):
+        zero_shot_prompts("Edema", "papers")
+
+
+def test_zero_shot_scores_are_a_softmax_over_raw_cosines():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]])  # one class: positive, negative prompt
+    expected = [math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)), math.exp(0.8) / (math.exp(0.8) + math.exp(0.6))]
+    torch.testing.assert_close(zero_shot_scores(image, text)[:, 0], torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def _prompt_embeds(model, tokenizer, prompts):
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    return model.get_text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
 
 
 def test_zero_shot_matches_hand_computation_and_caches(config, tokenizer):
@@ -227,9 +246,8 @@ def test_zero_shot_matches_hand_computation_and_caches(config, tokenizer):
     probs = model.zero_shot_classify(labels, tokenizer, image_embeds=image_embeds)
     assert probs.shape == (4, 3)
     for c, label in enumerate(labels):
-        positive, negative = zero_shot_prompts(label)
-        tokens = tokenizer([positive, negative], padding=True, return_tensors="pt")
-        text = model.get_text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+        ((positive, negative),) = zero_shot_prompts(label)
+        text = _prompt_embeds(model, tokenizer, [positive, negative])
         cos = image_embeds @ text.t()  # [4, 2], no temperature
         expected = torch.exp(cos[:, 0]) / (torch.exp(cos[:, 0]) + torch.exp(cos[:, 1]))
         torch.testing.assert_close(probs[:, c], expected, atol=1e-5, rtol=1e-5)
@@ -239,3 +257,30 @@ def test_zero_shot_matches_hand_computation_and_caches(config, tokenizer):
     assert model.get_zero_shot_text_embeds(labels, tokenizer) is not cached  # training invalidates the cache
     with pytest.raises(ValueError, match="exactly one"):
         model.zero_shot_classify(labels, tokenizer)
+
+
+def test_prompt_ensemble_averages_normalised_text_embeddings(config, tokenizer):
+    model = CheXficientModel(config).eval()
+    templates = [("{c} is present", "no {c_lower}"), ("there is {c_lower}", "{c} is normal")]
+    image_embeds = F.normalize(torch.randn(5, 16), dim=-1)
+    probs = model.zero_shot_classify(["Effusion"], tokenizer, image_embeds=image_embeds, prompts=templates)
+    pairs = zero_shot_prompts("Effusion", templates)
+    text = _prompt_embeds(model, tokenizer, [p for pair in pairs for p in pair]).view(2, 2, -1)
+    ensemble = F.normalize(text.mean(dim=0), dim=-1)  # [2 (pos, neg), D]
+    cos = image_embeds @ ensemble.t()
+    torch.testing.assert_close(probs[:, 0], cos.softmax(dim=-1)[:, 0], atol=1e-5, rtol=1e-5)
+    single = model.zero_shot_classify(["Effusion"], tokenizer, image_embeds=image_embeds, prompts=templates[:1])
+    assert not torch.allclose(single, probs)  # the second template changes the scores
+
+
+def test_zero_shot_cache_is_a_bounded_lru(config, tokenizer, monkeypatch):
+    model = CheXficientModel(config).eval()
+    monkeypatch.setattr(CheXficientModel, "zero_shot_cache_size", 2)
+    first = model.get_zero_shot_text_embeds(["Edema"], tokenizer)
+    model.get_zero_shot_text_embeds(["Pneumothorax"], tokenizer)
+    assert model.get_zero_shot_text_embeds(["Edema"], tokenizer) is first  # a hit refreshes "Edema"
+    model.get_zero_shot_text_embeds(["Cardiomegaly"], tokenizer)  # evicts the least recently used: Pneumothorax
+    assert len(model._zero_shot_cache) == 2
+    assert model.get_zero_shot_text_embeds(["Edema"], tokenizer) is first
+    keys = [key[0] for key in model._zero_shot_cache]
+    assert ("Pneumothorax",) not in keys and ("Cardiomegaly",) in keys

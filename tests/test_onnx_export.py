@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_inference_cli import save_tiny_model, write_inputs
 
-from inference.cli import main
-from inference.onnx_export import OnnxEmbedder, compare, export_onnx
+from chexficient.cli import main
+from chexficient.inference.onnx_export import OnnxEmbedder, compare, export_onnx
 
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor

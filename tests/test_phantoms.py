@@ -7,7 +7,7 @@ import pandas as pd
 import PIL.Image
 import pytest
 
-from train.phantoms import (
+from chexficient.phantoms import (
     PHANTOM_FINDINGS,
     PHANTOM_LABELS,
     PREVALENCE,

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chexficient.phantoms import PHANTOM_LABELS
+
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -103,8 +105,11 @@ def test_single_process_run_curates_trains_and_exports(workspace):
     output = workspace / "single"
     result = run([sys.executable, "train/pretrain.py", *common_args(workspace, output)])
     summary = json.loads((output / "summary.json").read_text())
-    assert "test zero-shot macro AUROC" in result.stdout
-    assert 0.0 <= summary["test"]["macro_auroc"] <= 1.0 and summary["test"]["num_images"] == 40
+    assert "test zero-shot macro AUROC (paper prompts)" in result.stdout
+    for prompts in ("paper", "report"):
+        test = summary["test"][prompts]
+        assert test["prompts"] == prompts and test["num_images"] == 40
+        assert set(test["auroc"]) | set(test["skipped_classes"]) == set(PHANTOM_LABELS)
     subset = json.loads((output / "final" / "curated_subset.json").read_text())
     assert 0 < subset["num_curated"] < subset["num_candidates"] == 100  # validation rows come on top
     assert summary["unreadable_images"] >= 1  # the phantoms' corrupt files were met and skipped

@@ -25,10 +25,11 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
 from safetensors.torch import load_file
 
-from eval.report import load_results, model_index_entries
-from scripts import push_to_hub
-from scripts.push_to_hub import PublishError
-from train.subset import curated_subset_record, write_curated_subset
+from chexficient.hub import publish as push_to_hub
+from chexficient.hub.publish import PublishError
+from chexficient.results import load_results, model_index_entries
+from chexficient.subset import curated_subset_record, write_curated_subset
+from llava_rad.prompt import save_prompt
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ CLEAN_PROCESS = textwrap.dedent(
     """
     import importlib.abc, sys
     PROJECT = {"configuration_chexficient", "modeling_chexficient", "image_processing_chexficient",
-               "processing_chexficient", "train", "eval", "scripts", "inference", "space", "llava_rad"}
+               "processing_chexficient", "chexficient", "train", "eval", "scripts", "inference", "space", "llava_rad"}
 
     class HideProject(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -612,6 +613,7 @@ def save_tiny_llava(folder: Path) -> Path:
         image_token="<image>",
         chat_template=LLAVA_CHAT_TEMPLATE,
     ).save_pretrained(folder)
+    save_prompt(folder)  # what llava_rad/export.py writes: the instruction clients build prompts from
     return folder
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.sampler import CuratingBatchSampler
+from chexficient.curation.sampler import CuratingBatchSampler
 
 
 def _sampler(rank=0, world_size=1, **kwargs) -> CuratingBatchSampler:

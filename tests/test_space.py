@@ -19,14 +19,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from test_publish import save_tiny_llava
 
-from eval.datasets import LABELS
-from eval.zero_shot import class_text_embeddings, zero_shot_scores
-from inference.synthetic import write_dicom
+from chexficient.inference.synthetic import write_dicom
 from space import app as space_app
 from space import screenshot
 
 from image_processing_chexficient import CheXficientImageProcessor
-from modeling_chexficient import CheXficientModel
+from modeling_chexficient import CHEXPERT_LABELS, CheXficientModel, zero_shot_prompts
 from processing_chexficient import CheXficientProcessor
 
 
@@ -82,19 +80,24 @@ def client(served):
 
 
 def direct_probabilities(model_dir: Path, image: Path, findings: list[str]) -> dict[str, float]:
-    """p(finding) computed without the app: the project's processor and eval.zero_shot's protocol."""
+    """p(finding) computed by hand, without the app: the processor, the paper's prompt pair, softmax over cosines."""
     model = CheXficientModel.from_pretrained(model_dir).eval()
     processor = CheXficientProcessor.from_pretrained(model_dir)
+    probabilities = {}
     with torch.no_grad():
-        image_embeds = model.get_image_features(processor(images=[image])["pixel_values"])
-        scores = zero_shot_scores(image_embeds, class_text_embeddings(model, processor.tokenizer, findings))
-    return dict(zip(findings, scores[0].tolist()))
+        image_embeds = model.get_image_features(processor(images=[image])["pixel_values"])[0]
+        for finding in findings:
+            ((positive, negative),) = zero_shot_prompts(finding)
+            tokens = processor(text=[positive, negative])
+            text = model.get_text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+            probabilities[finding] = float((text @ image_embeds).softmax(dim=0)[0])
+    return probabilities
 
 
-def test_app_is_importable_and_configured_by_environment(tmp_path, monkeypatch):
+def test_app_is_importable_and_configured_by_environment(served, tmp_path, monkeypatch):
     import gradio as gr
 
-    assert space_app.DEFAULT_FINDINGS == tuple(LABELS["chexpert"])
+    assert space_app.CheXficientSpace(served[1]).default_findings == CHEXPERT_LABELS  # from the folder's own code
     assert space_app.parse_findings(FINDINGS) == ["Cardiomegaly", "Pleural Effusion", "Pneumothorax", "No Finding"]
     for bad, reason in (
         ("", "at least one finding"),
@@ -205,7 +208,7 @@ def test_browser_upload_draws_the_bars_and_shows_errors(served):
         try:
             page = screenshot.open_app(browser, url)
             screenshot.upload(page, files["png"])
-            assert screenshot.wait_for_bars(page, len(space_app.DEFAULT_FINDINGS)) == 14
+            assert screenshot.wait_for_bars(page, len(CHEXPERT_LABELS)) == 14
             page.locator("#preview img").first.wait_for(state="visible")
             page.screenshot(path=str(ARTIFACTS / "space_browser.png"), full_page=True)
             assert (ARTIFACTS / "space_browser.png").stat().st_size > 10_000

@@ -14,9 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from train.data import ImageReportCollator, ImageReportDataset, load_pairs, report_text
+from chexficient.curation.loss import curated_clip_loss, gather_with_grad
+from chexficient.manifests import report_text
+from chexficient.pairs import ImageReportCollator, ImageReportDataset, load_pairs
 from train.init_towers import load_pretrained_towers, resize_position_embeddings
-from train.loss import curated_clip_loss, gather_with_grad
 from train.optim import CurationAwareCosine, build_optimizer_and_schedule, parameter_groups
 from train.tokenizer import build_report_tokenizer
 

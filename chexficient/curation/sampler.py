@@ -91,16 +91,24 @@ class CuratingBatchSampler(Sampler[list[int]]):
             raise ValueError(f"epoch {self.epoch} trains on the curated subset, but it is empty.")
         return self.curated_ids
 
-    def _current_batch_size(self) -> int:
-        return self.batch_size if self.is_curating else self.curated_batch_size
+    def current_batch_size(self, epoch: int | None = None, pool_size: int | None = None) -> int:
+        """Per-process batch size of `epoch` (default: the current one).
+
+        After curation it is `curated_batch_size`, lowered to what the subset fills when the subset is smaller than
+        one super-batch (so that training goes on instead of running zero steps).
+        """
+        epoch = self.epoch if epoch is None else epoch
+        if epoch < self.curation_epochs:
+            return self.batch_size
+        size = self.curated_ids.numel() if pool_size is None else pool_size
+        return max(min(self.curated_batch_size, size // self.world_size), 1)
 
     def steps_per_epoch(self, epoch: int | None = None, pool_size: int | None = None) -> int:
         """Super-batches in `epoch` (default: the current one), counting from its start."""
         epoch = self.epoch if epoch is None else epoch
         curating = epoch < self.curation_epochs
         size = pool_size if pool_size is not None else (self.num_samples if curating else self.curated_ids.numel())
-        batch = self.batch_size if curating else self.curated_batch_size
-        return size // (batch * self.world_size)
+        return size // (self.current_batch_size(epoch, size) * self.world_size)
 
     def global_order(self) -> torch.Tensor:
         """The epoch's shuffled pool, identical on every process."""
@@ -110,7 +118,7 @@ class CuratingBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.global_order()
-        batch = self._current_batch_size()
+        batch = self.current_batch_size()
         super_batch = batch * self.world_size
         steps = order.numel() // super_batch
         for step in range(self.start_step, steps):

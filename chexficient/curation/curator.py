@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from train.curation import (
+from .config import CurationConfig
+from .functions import (
     SelectionResult,
     concat_normalized,
     ema_update_prototypes,
@@ -18,19 +22,8 @@ from train.curation import (
 )
 
 
-@dataclass
-class CurationConfig:
-    """Curation constants; the defaults are the released model's."""
-
-    num_prototypes: int = 6
-    outlier_quantile: float = 0.95
-    support_quantile: float = 0.85
-    max_per_cluster: int = 10
-    sinkhorn_epsilon: float = 0.5
-    sinkhorn_iterations: int = 3
-    ema_decay: float = 0.9
-    kmeans_iterations: int = 20
-    warmup_samples: int = 800
+CURATOR_TENSORS = "curator.safetensors"
+CURATOR_SETTINGS = "curator.json"
 
 
 class PrototypeCurator:
@@ -137,9 +130,33 @@ class PrototypeCurator:
             raise ValueError(
                 f"the checkpoint's curator covers {state['num_samples']} samples, this dataset has {self.num_samples}."
             )
-        self.config = CurationConfig(**state["config"])
+        known = {f.name for f in fields(CurationConfig)}
+        self.config = CurationConfig(**{k: v for k, v in state["config"].items() if k in known})
         self.prototypes = None if state["prototypes"] is None else state["prototypes"].to(self.device)
         self.curated = state["curated"].to(self.device)
         self.candidates = state["candidates"].to(self.device)
         self.kept = state["kept"].to(self.device)
         self.usage = state["usage"].to(self.device)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the state as `curator.safetensors` (tensors) and `curator.json` (settings): no pickle."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        tensors = {k: state[k].contiguous() for k in ("curated", "candidates", "kept", "usage")}
+        if state["prototypes"] is not None:
+            tensors["prototypes"] = state["prototypes"].contiguous()
+        save_file(tensors, str(Path(folder) / CURATOR_TENSORS))
+        meta = {"config": state["config"], "num_samples": state["num_samples"]}
+        (Path(folder) / CURATOR_SETTINGS).write_text(json.dumps(meta, indent=2))
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Read the state `save` wrote; FileNotFoundError naming the folder when it is missing."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CURATOR_TENSORS).is_file() or not (folder / CURATOR_SETTINGS).is_file():
+            raise FileNotFoundError(f"{folder}: no curator state ({CURATOR_TENSORS}, {CURATOR_SETTINGS}).")
+        tensors = load_file(str(folder / CURATOR_TENSORS))
+        meta = json.loads((folder / CURATOR_SETTINGS).read_text())
+        self.load_state_dict({**meta, "prototypes": tensors.pop("prototypes", None), **tensors})

@@ -1,15 +1,17 @@
 """Accelerate checkpoints a killed run resumes from: one folder per optimizer step, a marker written last.
 
-`save_checkpoint` writes `checkpoints/step-NNNNNNNN/` with `accelerator.save_state` on every process, then the main
-process writes `checkpoint_complete.json` (the caller's record of where the run is). A run killed mid-save leaves a
-folder without the marker, which `find_checkpoint(..., "latest")` passes over. Used by train/pretrain.py and
-llava_rad/train.py.
+`save_checkpoint` writes `checkpoints/step-NNNNNNNN/` with `accelerator.save_state` on every process (model weights
+as safetensors, optimizer and schedule loaded back with `torch.load(weights_only=True)`), lets the caller add its
+own state as safetensors or JSON (`save_extra`), then the main process writes `checkpoint_complete.json` (the
+caller's record of where the run is). Nothing of ours is pickled. A run killed mid-save leaves a folder without the
+marker, which `find_checkpoint(..., "latest")` passes over. Used by train/pretrain.py and llava_rad/train.py.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,24 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 def save_checkpoint(
-    accelerator: Any, output_dir: Path, step: int, record: dict[str, Any], limit: int | None = None
+    accelerator: Any,
+    output_dir: Path,
+    step: int,
+    record: dict[str, Any],
+    limit: int | None = None,
+    save_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save the state at `step` with `record` in its marker; keep the newest `limit` checkpoints (all when None)."""
+    """Save the state at `step` with `record` in its marker; keep the newest `limit` checkpoints (all when None).
+
+    `save_extra(folder)` runs on the main process before the marker is written (state of the caller's own, e.g. the
+    curator, as safetensors/JSON).
+    """
     folder = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if save_extra is not None:
+            save_extra(folder)
         (folder / COMPLETE_MARKER).write_text(json.dumps(record))  # a kill mid-save leaves no marker
         if limit:
             for stale in sorted(folder.parent.glob("step-*"))[:-limit]:

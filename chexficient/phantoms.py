@@ -424,6 +424,39 @@ def write_phantom_dataset(
     return result
 
 
+def write_pretraining_splits(
+    output_dir: str | os.PathLike,
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int = 0,
+    image_size: int = 256,
+) -> dict[str, Path]:
+    """Phantoms for a pretraining run: `train_split.csv`, a held-out `val_split.csv` of `num_val` clean rows (never
+    corrupt, mismatched or duplicated) carved off the training phantoms, and `test.csv`. Returns the manifests."""
+    written = write_phantom_dataset(
+        output_dir, num_train=num_train + num_val, num_test=num_test, seed=seed, image_size=image_size
+    )
+    root = Path(output_dir)
+    frame = _read_csv(written["train"])
+    meta = json.loads((root / "phantoms.json").read_text())
+    flagged = {i for key in ("corrupt_ids", "mismatched_ids", "duplicate_ids") for i in meta.get(key, [])}
+    clean = frame.index[~frame["id"].isin(flagged)]
+    val_rows = clean[-num_val:] if num_val else clean[:0]
+    for name, part in (("val_split.csv", frame.loc[val_rows]), ("train_split.csv", frame.drop(index=val_rows))):
+        partial = root / f".{name}.partial"
+        part.to_csv(partial, index=False)
+        os.replace(partial, root / name)  # atomic: a reader never sees a half-written manifest
+    return {"train": root / "train_split.csv", "val": root / "val_split.csv", "test": written["test"], "root": root}
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
 SEGMENTATION_CLASSES: tuple[str, ...] = ("right lung", "left lung", "heart")
 
 

@@ -1,7 +1,7 @@
 """The inference engine: a CheXficient model and processor loaded once, placed and typed for the hardware.
 
-CUDA: bf16 weights and SDPA attention, pinned host memory and asynchronous copies, results read back one batch late
-so that the GPU never waits on Python. CPU: fp32, or int8 dynamic quantisation of every `nn.Linear`.
+CUDA: bfloat16 weights and SDPA attention, pinned host memory and asynchronous copies, results read back one batch late
+so that the GPU never waits on Python. CPU: float32, or int8 dynamic quantisation of every `nn.Linear`.
 `torch.compile` is optional on both.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inputs import Batch
+from ..images import ImageBatch
+from ..runtime import DTYPES, resolve_device
 from image_processing_chexficient import CheXficientImageProcessor
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor
@@ -25,24 +26,18 @@ from processing_chexficient import CheXficientProcessor
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "fp32", "bf16", "int8")
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """ "auto" picks CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+# `--dtype`: the project's dtype names (chexficient.runtime.DTYPES), "auto", and "int8" (dynamic quantisation, CPU).
+ENGINE_DTYPES = ("auto", *DTYPES, "int8")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """ "auto" is bf16 on CUDA and fp32 on CPU; int8 (dynamic quantisation) runs on CPU only."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}.")
+    """ "auto" is bfloat16 on CUDA and float32 on CPU; int8 (dynamic quantisation) runs on the CPU only."""
+    if dtype not in ENGINE_DTYPES:
+        raise ValueError(f"--dtype must be one of {ENGINE_DTYPES}, got {dtype!r}.")
     if dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bfloat16" if device.type == "cuda" else "float32"
     if dtype == "int8" and device.type != "cpu":
-        raise ValueError("--dtype int8 (dynamic quantisation) runs on the CPU only; use bf16 on a GPU.")
+        raise ValueError("--dtype int8 (dynamic quantisation) runs on the CPU only; use bfloat16 on a GPU.")
     return dtype
 
 
@@ -93,11 +88,11 @@ class InferenceEngine:
         if self.dtype == "int8":
             model = quantize_int8(model.float())
         else:
-            model = model.to(self.device, torch.bfloat16 if self.dtype == "bf16" else torch.float32)
+            model = model.to(self.device, DTYPES[self.dtype])
         self.model = model
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        self.input_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        self.input_dtype = torch.float32 if self.dtype == "int8" else DTYPES[self.dtype]
         self.compiled = compile
         self._image_fn = torch.compile(model.get_image_features, dynamic=False) if compile else None
         self._compiled_batch: int | None = None
@@ -157,13 +152,13 @@ class InferenceEngine:
             pixel_values = torch.from_numpy(pixel_values)
         return self.embed_pixels(pixel_values).cpu().numpy()
 
-    def iter_embeddings(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray | None]]:
+    def iter_embeddings(self, batches: Iterable[ImageBatch]) -> Iterator[tuple[ImageBatch, np.ndarray | None]]:
         """(batch, embeddings [len(batch.indices), D] or None) for each batch, in order.
 
         On CUDA the copy back to the host is asynchronous into pinned memory and a batch's result is waited for only
         after the next batch has been queued, so decode, transfer and compute overlap without per-batch stalls.
         """
-        pending: tuple[Batch, torch.Tensor | None, torch.cuda.Event | None] | None = None
+        pending: tuple[ImageBatch, torch.Tensor | None, torch.cuda.Event | None] | None = None
         cuda = self.device.type == "cuda"
         for batch in batches:
             host, event = None, None
@@ -186,7 +181,7 @@ class InferenceEngine:
             yield self._finish(pending)
 
     @staticmethod
-    def _finish(pending: tuple[Batch, torch.Tensor | None, Any]) -> tuple[Batch, np.ndarray | None]:
+    def _finish(pending: tuple[ImageBatch, torch.Tensor | None, Any]) -> tuple[ImageBatch, np.ndarray | None]:
         batch, host, event = pending
         if event is not None:
             event.synchronize()
@@ -215,4 +210,4 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
     return cleaned
 
 
-__all__ = ["DTYPES", "EngineInfo", "InferenceEngine", "load_processor", "parse_labels", "quantize_int8"]
+__all__ = ["ENGINE_DTYPES", "EngineInfo", "InferenceEngine", "load_processor", "parse_labels", "quantize_int8"]

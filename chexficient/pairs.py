@@ -1,4 +1,4 @@
-"""Image-report pairs for pretraining: manifests (CSV / JSONL / parquet) or `datasets` datasets, decoded in workers.
+"""Image-report pairs: manifests (CSV / JSONL / parquet) or `datasets` datasets, decoded in DataLoader workers.
 
 A manifest row is one image and its report: an image column (a path relative to `image_root`), an optional id
 column, and the report as findings + impression (or a single report column). Label-only datasets get template
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,41 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import decode_image
+from .manifests import clean_text, read_manifest, report_text
 from image_processing_chexficient import CheXficientImageProcessor
 
 
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN_CHOICES = (("findings", "impression"), ("report",), ("text",))
-
-
-def clean_text(value: Any) -> str:
-    """A report field as a single-line string ('' for missing / NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return " ".join(str(value).split())
-
-
-def report_text(findings: Any, impression: Any) -> str:
-    """The training text of a report: findings then impression, as the released model was trained."""
-    return " ".join(part for part in (clean_text(findings), clean_text(impression)) if part)
-
-
-def read_manifest(path: str | os.PathLike):
-    """Read a CSV, JSONL or parquet manifest into a pandas DataFrame."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=True)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    raise ValueError(f"manifest {path}: unsupported format {suffix!r} (use .csv, .jsonl or .parquet).")
 
 
 @dataclass
@@ -73,7 +45,7 @@ class PairTable:
 
 def _texts_from_columns(rows: Any, columns: Sequence[str], label_columns: Sequence[str], seed: int) -> list[str]:
     if label_columns:
-        from train.phantoms import pseudo_report_from_labels
+        from .phantoms import pseudo_report_from_labels
 
         texts = []
         for i, row in enumerate(rows):
@@ -183,11 +155,7 @@ class ImageReportDataset(Dataset):
         reference = self.pairs.images[index]
         if self.pairs.source is not None:
             reference = self.pairs.source[int(reference)][self.image_column]
-        try:
-            pixel_values = self.image_processor.process_one(reference, name=f"id {sample_id}")
-            error = None
-        except (ValueError, ImportError) as exc:
-            pixel_values, error = None, str(exc)
+        pixel_values, error = decode_image(self.image_processor, reference, f"id {sample_id}")
         return {
             "index": index,
             "id": sample_id,
@@ -230,10 +198,3 @@ class ImageReportCollator:
         batch["sample_index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch["skipped"] = [(s["id"], s["error"]) for s in samples if s["pixel_values"] is None]
         return batch
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in DataLoader workers from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)

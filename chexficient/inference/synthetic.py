@@ -40,8 +40,8 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, monochrome1: bool =
 
 
 def phantom_images(count: int, image_size: int = 256, bit_depth: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """`count` phantom radiographs [H, W] (uint8 or uint16) from `train.phantoms`."""
-    from train.phantoms import generate_phantoms
+    """`count` phantom radiographs [H, W] (uint8 or uint16) from `chexficient.phantoms`."""
+    from ..phantoms import generate_phantoms
 
     samples = generate_phantoms(count, seed=seed, split="test", image_size=image_size, bit_depth=bit_depth)
     return [sample.image for sample in samples]

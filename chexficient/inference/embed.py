@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import InputItem, discover_inputs, make_image_loader
 from .engine import InferenceEngine
-from .inputs import InputItem, discover_inputs, make_loader
 
 
 FORMATS = ("parquet", "safetensors")
@@ -267,7 +267,7 @@ def run_embed(
     todo = [item for item in items if item.id not in done]
     failures: list[tuple[InputItem, str]] = []
     embedded = 0
-    loader = make_loader(
+    loader = make_image_loader(
         todo, engine.image_processor, batch_size, num_workers if todo else 0, pin_memory=engine.device.type == "cuda"
     )
     with tqdm(total=len(todo), unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:

@@ -1,14 +1,22 @@
-"""Finding inputs (folders, manifests, path lists) and decoding them in DataLoader workers without ever raising."""
+"""Images in, pixel values out, for every program: finding inputs (folders, manifests, path lists), decoding them in
+DataLoader workers, and one error policy.
+
+The policy: an input that cannot be decoded (`DECODE_ERRORS`: the image processor's `ValueError` naming the file,
+an `OSError` reading it, an `ImportError` for a missing optional decoder) becomes an error record that the caller
+reports and skips; any other exception is a bug and propagates.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -16,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 MANIFEST_SUFFIXES = (".csv", ".txt")
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
+DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,37 @@ class InputItem:
     path: str
 
 
-def _read_manifest(manifest: Path) -> list[InputItem]:
+# ----- decoding --------------------------------------------------------------------------------------------------
+
+
+def preprocess_image(image_processor: Any, source: Any, name: str) -> np.ndarray:
+    """One image -> pixel values [3, H, W] float32 with the model's image processor.
+
+    CheXficient's processor decodes every format itself. Any other HF image processor gets the image decoded by
+    CheXficient's loader (PNG, JPEG, 16-bit, DICOM) and converted to 8-bit RGB first.
+    """
+    if hasattr(image_processor, "process_one"):
+        return image_processor.process_one(source, name=name)
+    from image_processing_chexficient import load_image
+
+    image = load_image(source, name)
+    if not isinstance(image, PIL.Image.Image):  # float array in [0, 1] from high-bit-depth data
+        image = PIL.Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).squeeze())
+    return image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+
+
+def decode_image(image_processor: Any, source: Any, name: str) -> tuple[np.ndarray | None, str | None]:
+    """(pixel values [3, H, W], None), or (None, the reason) for an input covered by `DECODE_ERRORS`."""
+    try:
+        return np.asarray(preprocess_image(image_processor, source, name), dtype=np.float32), None
+    except DECODE_ERRORS as error:  # the processor names the file in its message
+        return None, str(error)
+
+
+# ----- finding inputs --------------------------------------------------------------------------------------------
+
+
+def _read_input_manifest(manifest: Path) -> list[InputItem]:
     """A CSV (a path column, optional `id`) or TXT (one path a line) manifest; relative paths from its folder."""
     base = manifest.parent
     items: list[InputItem] = []
@@ -65,7 +104,7 @@ def discover_inputs(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
             files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             items = [InputItem(p.relative_to(root).as_posix(), str(p)) for p in files]
         elif root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
-            items = _read_manifest(root)
+            items = _read_input_manifest(root)
         elif root.is_file():
             items = [InputItem(root.name, str(root))]
         else:
@@ -80,15 +119,28 @@ def discover_inputs(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     return items
 
 
+# ----- dataset and loader ----------------------------------------------------------------------------------------
+
+
 class ImageDataset(Dataset):
     """Decodes and preprocesses one image per item; a failure becomes an error record, never an exception.
 
-    Each item is `{"index", "pixel_values" (float32 [3, H, W] or None), "error" (str or None)}`.
+    `items` are `InputItem`s or paths. With `reader`, the source of item i is `reader(i)` (raw bytes, an array, ...)
+    and the item only names it. Each record is `{"index", "pixel_values" (float32 tensor [3, H, W] or None),
+    "error" (str or None)}`.
     """
 
-    def __init__(self, items: Sequence[InputItem], image_processor: Any):
-        self.items = list(items)
+    def __init__(
+        self,
+        items: Sequence[InputItem | str | os.PathLike],
+        image_processor: Any,
+        reader: Callable[[int], Any] | None = None,
+    ):
+        self.items = [
+            item if isinstance(item, InputItem) else InputItem(os.fspath(item), os.fspath(item)) for item in items
+        ]
         self.image_processor = image_processor
+        self.reader = reader
 
     def __len__(self) -> int:
         return len(self.items)
@@ -96,48 +148,65 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         try:
-            array = self.image_processor.process_one(item.path, name=item.path)
-        except (ValueError, OSError, ImportError) as error:  # the processor names the file in its message
-            return {"index": index, "pixel_values": None, "error": str(error)}
-        return {"index": index, "pixel_values": torch.from_numpy(array), "error": None}
+            source = self.reader(index) if self.reader is not None else item.path
+        except DECODE_ERRORS as error:
+            return {"index": index, "pixel_values": None, "error": f"{item.path}: {error}"}
+        pixels, error = decode_image(self.image_processor, source, item.path)
+        return {"index": index, "pixel_values": None if pixels is None else torch.from_numpy(pixels), "error": error}
 
 
 @dataclass
-class Batch:
+class ImageBatch:
     """A collated batch: the decoded images and the failures, both by dataset index."""
 
     indices: list[int]
     pixel_values: torch.Tensor | None
     failed: list[tuple[int, str]]
 
-    def pin_memory(self) -> Batch:
+    def pin_memory(self) -> ImageBatch:
         """Called by DataLoader(pin_memory=True): page-lock the pixels for asynchronous host-to-device copies."""
         if self.pixel_values is not None:
             self.pixel_values = self.pixel_values.pin_memory()
         return self
 
 
-def collate(records: list[dict[str, Any]]) -> Batch:
+def collate_images(records: list[dict[str, Any]]) -> ImageBatch:
     """Stack the images that decoded; keep the errors of those that did not."""
     good = [r for r in records if r["error"] is None]
     pixels = torch.stack([r["pixel_values"] for r in good]) if good else None
-    return Batch([r["index"] for r in good], pixels, [(r["index"], r["error"]) for r in records if r["error"]])
+    return ImageBatch([r["index"] for r in good], pixels, [(r["index"], r["error"]) for r in records if r["error"]])
 
 
-def make_loader(
-    items: Sequence[InputItem], image_processor: Any, batch_size: int, num_workers: int, pin_memory: bool = False
+def make_image_loader(
+    items: Sequence[InputItem | str | os.PathLike],
+    image_processor: Any,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    reader: Callable[[int], Any] | None = None,
 ) -> DataLoader:
-    """Ordered DataLoader of `Batch`es; decoding runs in `num_workers` processes (0: in this one)."""
+    """Ordered DataLoader of `ImageBatch`es; decoding runs in `num_workers` processes (0: in this one)."""
     return DataLoader(
-        ImageDataset(items, image_processor),
+        ImageDataset(items, image_processor, reader),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_images,
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )
 
 
-__all__ = ["IMAGE_SUFFIXES", "Batch", "ImageDataset", "InputItem", "collate", "discover_inputs", "make_loader"]
+__all__ = [
+    "DECODE_ERRORS",
+    "IMAGE_SUFFIXES",
+    "ImageBatch",
+    "ImageDataset",
+    "InputItem",
+    "collate_images",
+    "decode_image",
+    "discover_inputs",
+    "make_image_loader",
+    "preprocess_image",
+]

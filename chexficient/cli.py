@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .inference.engine import ENGINE_DTYPES
+
 
 DESCRIPTION = """Fast CheXficient inference from a local model folder (nothing is downloaded).
 
@@ -44,8 +46,8 @@ def _runtime_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> N
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "fp32", "bf16", "int8"),
-        help="auto: bf16 on CUDA, fp32 on CPU; int8: dynamic quantisation of the linear layers (CPU only)",
+        choices=ENGINE_DTYPES,
+        help="auto: bfloat16 on CUDA, float32 on CPU; int8: dynamic quantisation of the linear layers (CPU only)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the image tower (slow first batch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a batch waits for more requests (default %(default)s)",
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    serve.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8"), help="as for embed")
+    serve.add_argument("--dtype", default="auto", choices=ENGINE_DTYPES, help="as for embed")
     serve.add_argument("--compile", action="store_true", help="torch.compile the image tower")
     serve.add_argument("--log-level", default="info", help="uvicorn log level")
 
@@ -119,11 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach for the Hub
     try:
         if args.command in ("embed", "classify"):
-            from .engine import InferenceEngine
+            from .inference.engine import InferenceEngine
 
             engine = InferenceEngine.from_pretrained(args.model, args.device, args.dtype, args.compile)
             if args.command == "embed":
-                from .embed import run_embed
+                from .inference.embed import run_embed
 
                 summary = run_embed(
                     _source(args.inputs),
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress=not args.no_progress,
                 )
             else:
-                from .classify import run_classify
+                from .inference.classify import run_classify
 
                 summary = run_classify(
                     _source(args.inputs),
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary.line())
             return 0
         if args.command == "serve":
-            from .server import serve
+            from .inference.server import serve
 
             serve(
                 args.model,
@@ -164,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 compile=args.compile,
             )
             return 0
-        from .onnx_export import export_onnx
+        from .inference.onnx_export import export_onnx
 
         report = export_onnx(
             args.model, args.out, int8=args.int8, exporter=args.exporter, opset=args.opset, min_cosine=args.min_cosine

@@ -98,7 +98,7 @@ def per_source_counts(
     The manifest is read and its ids formed as pretraining reads them (`train.data`: the id column as text, else the
     row number), so they match the ids in `curated_subset.json`.
     """
-    from train.data import read_manifest
+    from chexficient.manifests import read_manifest
 
     if not manifest or not Path(manifest).is_file():
         return None
@@ -131,7 +131,7 @@ def load_curation(
     model_dir: str | os.PathLike, num_candidates: int | None = None, run: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Curation statistics from `curated_subset.json` (pretraining's or the converter's record), or None."""
-    from train.subset import read_curated_subset
+    from chexficient.subset import read_curated_subset
 
     path = Path(model_dir) / "curated_subset.json"
     if not path.is_file():
@@ -158,7 +158,7 @@ def load_curation(
 
 def clip_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]:
     """model-index entries for eval/ task results (zero-shot, retrieval, linear probe, segmentation)."""
-    from eval.report import model_index_entries
+    from chexficient.results import model_index_entries
 
     split_of = {(r["task"], r["dataset"]): r.get("split") for r in results}
     tasks = {"zero-shot-image-classification": "zero_shot", "image-text-retrieval": "retrieval"}
@@ -465,7 +465,7 @@ def chexficient_card(
 ) -> ModelCard:
     """The model card of a CheXficient folder; `results` are eval/ records (`eval.report.load_results`), `plot` the
     repo-relative path of the per-class AUROC figure, `run` the training run (default: read beside the folder)."""
-    from eval.report import results_markdown
+    from chexficient.results import results_markdown
 
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")

@@ -1,9 +1,9 @@
 """The project's metrics as local `evaluate` modules, loadable offline.
 
-    from eval.metrics import load_metric
+    from chexficient.metrics import load_metric
     load_metric("multilabel_auc").compute(predictions=scores, references=targets, labels=labels)
 
-or, from anywhere, `evaluate.load("<repo>/eval/metrics/multilabel_auc")`.
+or, from anywhere, `evaluate.load("<repo>/chexficient/metrics/multilabel_auc")`.
 """
 
 from __future__ import annotations

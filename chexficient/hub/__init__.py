@@ -1,0 +1,1 @@
+"""Publishing to the Hugging Face Hub: generated model cards (`card`, Jinja templates) and the upload (`publish`)."""
