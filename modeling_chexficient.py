@@ -7,6 +7,7 @@ temperature, the curation prototypes, the contrastive loss and the zero-shot pro
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ except ImportError:  # imported as a top-level module from a checkout
 logger = logging.get_logger(__name__)
 
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Auto classes a saved folder maps to this file's models (the zero-shot pipeline uses the second).
+_AUTO_CLASSES = {
+    "AutoModel": "CheXficientModel",
+    "AutoModelForZeroShotImageClassification": "CheXficientModel",
+    "AutoModelForImageClassification": "CheXficientForImageClassification",
+}
 
 NO_FINDING_LABELS = frozenset({"no finding", "no findings", "normal"})
 # The CheXpert 14 observations, in the reference code's order: the findings the released model is evaluated on.
@@ -204,6 +211,17 @@ class CheXficientPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["Dinov2Layer", "BertLayer", "Dinov2Embeddings", "BertEmbeddings"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with every Auto class of a CheXficient folder in `config.auto_map`, so
+        that `AutoModel`, `AutoModelForZeroShotImageClassification` (the zero-shot pipeline) and
+        `AutoModelForImageClassification` load the folder, whichever class saved it."""
+        module = type(self).__module__.split(".")[-1]  # "modeling_chexficient", also for a Hub copy
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class, class_name in _AUTO_CLASSES.items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -497,6 +515,22 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
 
 CheXficientModel.register_for_auto_class("AutoModel")
 CheXficientForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+
+def _zero_shot_pipeline_support() -> None:
+    """Let `pipeline("zero-shot-image-classification")` accept CheXficientModel without logging "not supported": the
+    pipeline checks a table of model class names. Best effort; nothing else depends on it."""
+    try:
+        from transformers.models.auto import modeling_auto
+
+        modeling_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(
+            "chexficient", "CheXficientModel"
+        )
+    except (ImportError, AttributeError):  # a transformers without this table
+        pass
+
+
+_zero_shot_pipeline_support()
 
 __all__ = [
     "CHEXPERT_LABELS",

@@ -1,4 +1,6 @@
-"""Convert a reference CheXficient checkpoint (`{"model": state_dict, "subset": ids, ...}`) into a Hugging Face folder.
+"""Convert a reference CheXficient checkpoint into a Hugging Face folder: the Drive `.pth` (`{"model": state_dict,
+"subset": ids, ...}`), or the authors' Hub layout (`model.safetensors`, possibly sharded, in a folder with their own
+remote code and tokenizer files).
 
     python scripts/convert_original_checkpoint.py --checkpoint pytorch_model.pth --output chexficient-hf \
         [--config config.json] [--tokenizer path/to/Bio_ClinicalBERT]
@@ -95,6 +97,52 @@ def load_reference_checkpoint(path: str | Path, trust_pickle: bool = False) -> d
     return dict(checkpoint)
 
 
+def load_safetensors_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the authors' Hub layout: a `.safetensors` file, or a folder holding `model.safetensors` or a
+    sharded `model.safetensors.index.json` (no pickle anywhere)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{index}: no weight_map.")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise ValueError(f"{index}: shard name {shard!r} is not a plain file name.")
+            tensors.update(load_file(str(path / shard)))
+        return tensors
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder.")
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """A reference checkpoint from any supported layout: a `.pth`/`.pt` file (weights-only unpickling), a
+    `.safetensors` file or a folder in the authors' Hub layout."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_safetensors_checkpoint(path)
+    return load_reference_checkpoint(path, trust_pickle=trust_pickle)
+
+
+def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove a prefix that wraps every key of the reference module (`module.` from DDP, or e.g. `model.` from a
+    wrapper class in the Hub export), found from where `image_encoder.model.` starts; keys are returned as given when
+    no single prefix wraps them all."""
+    anchor = next((key for key in state_dict if VISION_PREFIX in key), None)
+    if anchor is None:
+        return dict(state_dict)
+    prefix = anchor[: anchor.index(VISION_PREFIX)]
+    if not prefix or not all(key.startswith(prefix) for key in state_dict):
+        return dict(state_dict)
+    return {key[len(prefix) :]: value for key, value in state_dict.items()}
+
+
 def split_checkpoint(checkpoint: Mapping[str, Any], path: str | Path = "checkpoint") -> tuple[dict, list[int] | None]:
     """(state_dict, curated subset ids or None) from a reference checkpoint or a bare state dict."""
     if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
@@ -117,8 +165,9 @@ def convert_state_dict(reference: Mapping[str, torch.Tensor]) -> dict[str, torch
     """
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    for original_key, tensor in reference.items():
-        key = original_key.removeprefix("module.")  # saved from a DDP-wrapped model
+    names = dict(zip(strip_wrapper_prefix({k: k for k in reference}), reference))  # stripped key -> original key
+    for key, original_key in names.items():
+        tensor = reference[original_key]
         if key in DROPPED_KEYS:
             continue
         if key.startswith(VISION_PREFIX):
@@ -203,6 +252,10 @@ def load_config(path: str | Path | None) -> CheXficientConfig:
     return CheXficientConfig(**values)
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
+
+
 def write_subset(output: Path, subset: list[int] | None, source: str) -> Path | None:
     """Write the checkpoint's curated subset (indices into the training list it was curated from) beside the model."""
     if subset is None:
@@ -219,8 +272,10 @@ def convert(
 ) -> CheXficientModel:
     """Convert `checkpoint` and write the Hugging Face folder `output`; returns the converted model."""
     output = Path(output)
-    raw = load_reference_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    raw = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     reference, subset = split_checkpoint(raw, checkpoint)
+    if tokenizer is None and Path(checkpoint).is_dir() and _has_tokenizer(Path(checkpoint)):
+        tokenizer = checkpoint  # the authors' Hub folder ships Bio_ClinicalBERT's tokenizer files
     model_config = load_config(config)
     model = build_model(reference, model_config)
 
@@ -242,10 +297,17 @@ def convert(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="reference .pth with keys 'model' (and 'subset')")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="reference .pth with keys 'model' (and 'subset'), or the authors' model.safetensors or Hub folder",
+    )
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--config", help="JSON with vision_config/text_config (Dinov2Config/BertConfig names)")
-    parser.add_argument("--tokenizer", help="local tokenizer folder (e.g. Bio_ClinicalBERT) to ship with the model")
+    parser.add_argument(
+        "--tokenizer",
+        help="local tokenizer folder (e.g. Bio_ClinicalBERT) to ship with the model (default: the checkpoint folder's)",
+    )
     parser.add_argument(
         "--trust-pickle",
         action="store_true",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import BertConfig, BertModel
 
 from chexficient.convert import build_model, convert_state_dict, load_reference_checkpoint
@@ -245,3 +245,82 @@ def test_ddp_prefix_and_dropped_buffers():
     converted = convert_state_dict(sd)
     assert "prototypes" in converted and not any("pending_ema" in k or "pooler" in k for k in converted)
     build_model(sd, config)  # loads strictly
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_authors_hub_layout_converts_from_safetensors(tmp_path, tokenizer, prefix):
+    """The authors' Hub repo: model.safetensors in the reference module's key names (possibly under a wrapper
+    prefix, possibly sharded), their own config and remote code, and the tokenizer files; no pickle is read."""
+    from safetensors.torch import save_file
+
+    from chexficient.convert import convert
+
+    config = tiny_config()
+    sd = {prefix + k: v.contiguous() for k, v in reference_state_dict(config).items()}
+    sd[prefix + "logit_scale"] = sd[prefix + "logit_scale"].reshape(())  # 0-dim, as the reference module holds it
+    hub = tmp_path / "StanfordAIMI--CheXficient"
+    hub.mkdir()
+    keys = sorted(sd)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
+    if prefix:  # one layout sharded, one not
+        for name, shard_keys in shards.items():
+            save_file({k: sd[k] for k in shard_keys}, str(hub / name))
+        weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+        (hub / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(sd, str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"model_type": "chexficient_clip", "auto_map": {}}))
+    (hub / "modeling_theirs.py").write_text("raise RuntimeError('never imported by the converter')\n")
+    tokenizer.save_pretrained(hub)
+    config_json = tmp_path / "arch.json"
+    values = config.to_dict()
+    config_json.write_text(
+        json.dumps({k: values[k] for k in ("vision_config", "text_config", "projection_dim", "num_prototypes")})
+    )
+    real_load = torch.load
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the safetensors layout must not unpickle anything")
+
+    torch.load = no_pickle
+    try:
+        convert(hub, tmp_path / "hf", config=config_json)
+    finally:
+        torch.load = real_load
+    output = tmp_path / "hf"
+    assert (output / "tokenizer.json").exists() and (output / "modeling_chexficient.py").exists()
+    reloaded = CheXficientModel.from_pretrained(output).eval()
+    pixel_values = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.get_image_features(pixel_values),
+            reference_image_embeds(sd_unprefixed(sd, prefix), config, pixel_values),
+            atol=1e-5,
+            rtol=0,
+        )
+    assert reloaded.logit_scale.shape == (1,)
+
+
+def sd_unprefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items()}
+
+
+def test_hub_layout_refuses_unknown_and_partly_wrapped_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from chexficient.convert import convert
+
+    config = tiny_config()
+    sd = {k: v.contiguous() for k, v in reference_state_dict(config).items()}
+    save_file({**sd, "image_encoder.model.head.weight": torch.zeros(2)}, str(tmp_path / "unknown.safetensors"))
+    with pytest.raises(ValueError, match="unknown keys"):
+        convert(tmp_path / "unknown.safetensors", tmp_path / "out1")
+    partly = {("wrapper." + k if k.startswith("text") else k): v for k, v in sd.items()}
+    save_file(partly, str(tmp_path / "partly.safetensors"))
+    with pytest.raises(ValueError, match="unknown keys"):
+        convert(tmp_path / "partly.safetensors", tmp_path / "out2")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        convert(tmp_path, tmp_path / "out3")

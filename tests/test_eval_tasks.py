@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 
 from eval.common import encode_images, load_model_and_processor
 from eval.retrieval import deduplicate_texts, evaluate_retrieval

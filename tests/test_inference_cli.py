@@ -11,10 +11,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from helpers import save_tiny_model
 
 from chexficient.cli import main
 from chexficient.images import discover_inputs
+from chexficient.inference.classify import run_classify
 from chexficient.inference.embed import read_embeddings, run_embed
 from chexficient.inference.engine import InferenceEngine
 from chexficient.inference.synthetic import phantom_images, write_corrupt_files, write_dicom, write_png
@@ -25,16 +26,6 @@ from processing_chexficient import CheXficientProcessor
 
 
 LABELS = ["Pneumothorax", "Cardiomegaly", "No Finding"]
-
-
-def save_tiny_model(folder: Path) -> Path:
-    """A tiny random CheXficient model with its processor and tokenizer, as `save_pretrained` writes them."""
-    torch.manual_seed(0)
-    CheXficientModel(tiny_config()).eval().save_pretrained(folder)
-    CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tiny_tokenizer()).save_pretrained(
-        folder
-    )
-    return folder
 
 
 def write_inputs(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -57,7 +48,9 @@ def write_inputs(folder: Path) -> tuple[list[Path], list[Path]]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("inference")
-    model_dir = save_tiny_model(root / "model")
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    save_tiny_model(model_dir)
     good, bad = write_inputs(root / "images")
     return {"root": root, "model_dir": model_dir, "images": root / "images", "good": good, "bad": bad}
 
@@ -150,6 +143,47 @@ def test_embed_resumes_after_new_files_and_after_a_crash(workspace, tmp_path):
 
     again = run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False)
     assert (again.embedded, again.skipped) == (0, 6)
+
+
+def test_embed_killed_in_the_finalisation_window_keeps_each_id_once(workspace, tmp_path, monkeypatch):
+    """A kill after OUT is written but before OUT.parts/ is removed: the re-run gives one row per image."""
+    from chexficient.inference import embed as embed_module
+
+    engine = InferenceEngine.from_pretrained(workspace["model_dir"])
+    out = tmp_path / "emb.safetensors"
+    first = run_embed(workspace["good"][:2], out, engine, batch_size=2, num_workers=0, progress=False)
+    assert first.total_rows == 2
+
+    def killed(path, **kwargs):  # the process dies between writing OUT and removing the chunks
+        raise KeyboardInterrupt("killed in the finalisation window")
+
+    monkeypatch.setattr(embed_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(workspace["good"], out, engine, batch_size=2, num_workers=0, progress=False, chunk_rows=1)
+    monkeypatch.undo()
+    assert Path(f"{out}.parts").is_dir() and len(read_embeddings(out)[0]) == len(workspace["good"])
+
+    again = run_embed(workspace["good"], out, engine, batch_size=2, num_workers=0, progress=False)
+    ids, _, embeddings = read_embeddings(out)
+    assert again.embedded == 0 and again.total_rows == len(workspace["good"]) == len(ids) == len(set(ids))
+    assert embeddings.shape == (len(ids), 16) and not Path(f"{out}.parts").exists()
+
+
+def test_csv_outputs_escape_spreadsheet_formulas(workspace, tmp_path):
+    manifest = tmp_path / "hostile.csv"
+    image = workspace["good"][0]
+    manifest.write_text(f'id,path\n=HYPERLINK("http://x"),{image}\n@SUM(1),{tmp_path / "missing.png"}\n')
+    engine = InferenceEngine.from_pretrained(workspace["model_dir"])
+    out = tmp_path / "probs.csv"
+    run_classify(manifest, out, engine, ["+Edema", "Cardiomegaly"], num_workers=0, progress=False)
+    with open(out) as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "path", "'+Edema", "Cardiomegaly"]
+    assert rows[1][0] == '\'=HYPERLINK("http://x")'
+    with open(f"{out}.errors.csv") as handle:
+        errors = list(csv.DictReader(handle))
+    assert [row["id"] for row in errors] == ["'@SUM(1)"]
+    assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +21,12 @@ import PIL.Image
 import pytest
 import torch
 import uvicorn
-from test_inference_cli import LABELS, save_tiny_model, write_inputs
+from helpers import save_tiny_model
+from test_image_hostile import crafted_png, png_chunk
+from test_inference_cli import LABELS, write_inputs
 
 from chexficient.inference.engine import InferenceEngine
-from chexficient.inference.server import create_app
+from chexficient.inference.server import MAX_LABEL_CHARS, MAX_LABELS, create_app
 
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor
@@ -51,7 +58,9 @@ def running(app) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("server")
-    model_dir = save_tiny_model(root / "model")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    save_tiny_model(model_dir)
     good, bad = write_inputs(root / "images")
     model = CheXficientModel.from_pretrained(model_dir).eval()
     processor = CheXficientProcessor.from_pretrained(model_dir)
@@ -60,7 +69,7 @@ def setup(tmp_path_factory) -> dict[str, object]:
         embeds = model.get_image_features(pixels).numpy()
         probs = model.zero_shot_classify(LABELS, processor.tokenizer, pixel_values=pixels).numpy()
     engine = InferenceEngine.from_pretrained(model_dir)
-    return {"engine": engine, "good": good, "bad": bad, "embeds": embeds, "probs": probs}
+    return {"engine": engine, "good": good, "bad": bad, "embeds": embeds, "probs": probs, "model_dir": model_dir}
 
 
 def upload(path: Path) -> dict:
@@ -86,20 +95,29 @@ def test_embed_and_classify_match_direct_calls(setup):
             np.testing.assert_allclose([probabilities[label] for label in LABELS], row, atol=1e-5)
 
 
-def test_concurrent_requests_are_micro_batched(setup):
-    app = create_app(setup["engine"], max_batch_size=8, max_wait_ms=500)
+def test_concurrent_requests_are_micro_batched_and_grouped_by_label_set(setup):
+    """Eight clients at once, three kinds of request (embed, classify with LABELS, classify with another label
+    set): the batch closes when it is full (the wait is far longer than the clients need), so it is one forward,
+    and each classify request gets its own label set's probabilities."""
+    other = ["Cardiomegaly", "Pleural Effusion"]
+    model = CheXficientModel.from_pretrained(setup["model_dir"]).eval()
+    tokenizer = CheXficientProcessor.from_pretrained(setup["model_dir"]).tokenizer
+    with torch.no_grad():
+        other_probs = model.zero_shot_classify(other, tokenizer, image_embeds=torch.from_numpy(setup["embeds"]))
     clients = 8
+    app = create_app(setup["engine"], max_batch_size=clients, max_wait_ms=60_000)
     barrier = threading.Barrier(clients)
     results: dict[int, httpx.Response] = {}
 
     def call(i: int, url: str) -> None:
         path = setup["good"][i % len(setup["good"])]
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=120) as client:
             barrier.wait()
-            if i % 2:
-                results[i] = client.post("/classify", files=upload(path), data={"labels": ",".join(LABELS)})
-            else:
+            if i % 3 == 0:
                 results[i] = client.post("/embed", files=upload(path))
+            else:
+                labels = LABELS if i % 3 == 1 else other
+                results[i] = client.post("/classify", files=upload(path), data={"labels": ",".join(labels)})
 
     before = setup["engine"].forward_calls
     with running(app) as url:
@@ -107,20 +125,32 @@ def test_concurrent_requests_are_micro_batched(setup):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=60)
+            thread.join(timeout=120)
         batches = list(app.state.batcher.batch_sizes)
-    forwards = setup["engine"].forward_calls - before
     assert sorted(results) == list(range(clients))
     for i, reply in results.items():
         assert reply.status_code == 200, reply.text
         row = i % len(setup["good"])
-        if i % 2:
-            got = [reply.json()["probabilities"][label] for label in LABELS]
-            np.testing.assert_allclose(got, setup["probs"][row], atol=1e-5)
-        else:
+        if i % 3 == 0:
             np.testing.assert_allclose(reply.json()["embedding"], setup["embeds"][row], atol=1e-5)
-    assert sum(batches) == clients and forwards == len(batches)
-    assert forwards < clients and max(batches) > 1, batches  # one forward served several requests
+            continue
+        labels, expected = (LABELS, setup["probs"][row]) if i % 3 == 1 else (other, other_probs[row].numpy())
+        assert list(reply.json()["probabilities"]) == labels
+        np.testing.assert_allclose([reply.json()["probabilities"][k] for k in labels], expected, atol=1e-5)
+    assert batches == [clients] and setup["engine"].forward_calls - before == 1  # one forward served all eight
+
+
+def test_label_limits_answer_422(setup):
+    app = create_app(setup["engine"], max_batch_size=2, max_wait_ms=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        many = ",".join(f"finding {i}" for i in range(MAX_LABELS + 1))
+        reply = client.post("/classify", files=upload(setup["good"][0]), data={"labels": many})
+        assert reply.status_code == 422 and f"at most {MAX_LABELS} findings" in reply.json()["detail"]
+        long = "x" * (MAX_LABEL_CHARS + 1)
+        reply = client.post("/classify", files=upload(setup["good"][0]), data={"labels": f"Edema,{long}"})
+        assert reply.status_code == 422 and f"at most {MAX_LABEL_CHARS} characters" in reply.json()["detail"]
+        at_limit = ",".join(f"f{i}" for i in range(MAX_LABELS))
+        assert client.post("/classify", files=upload(setup["good"][0]), data={"labels": at_limit}).status_code == 200
 
 
 def test_bad_uploads_get_clear_4xx_and_the_server_stays_up(setup):
@@ -159,3 +189,76 @@ def test_bad_uploads_get_clear_4xx_and_the_server_stays_up(setup):
         reply = client.post("/embed", files=upload(setup["good"][0]))
         assert reply.status_code == 200
         np.testing.assert_allclose(reply.json()["embedding"], setup["embeds"][0], atol=1e-5)
+
+
+def _streamed_png(width: int, height: int) -> bytes:
+    """A real, complete 8-bit PNG of zeros (every row present), compressed row by row: small to send, huge to decode."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + png_chunk(b"IDAT", data)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+def test_bombs_and_truncated_images_get_4xx_with_bounded_memory_on_a_live_server(setup, tmp_path):
+    """`chexficient serve` in its own process: decompression bombs and over-budget headers are refused from the
+    header (413), a truncated image is an error (400), the keep-alive connection stays usable, and the server's peak
+    RSS grows by a bounded amount (it grew by ~2.8 GB for one of these before the pixel budget)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chexficient.cli", "serve", "--model", str(setup["model_dir"]), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-3000:]
+                time.sleep(0.2)
+            assert client.post("/embed", files=upload(setup["good"][0])).status_code == 200  # warm
+            baseline = _memory_kb(server.pid)
+            hostile = {
+                "header_100000x100000.png": (crafted_png(100_000, 100_000), 413, "100000x100000"),
+                "real_20000x20000.png": (_streamed_png(20_000, 20_000), 413, "20000x20000"),
+                "one_row_16bit_13000.png": (crafted_png(13_000, 13_000, bit_depth=16, rows_of_data=1), 413, "13000"),
+                "one_row_9000.png": (crafted_png(9_000, 9_000, rows_of_data=1), 413, "9000x9000"),
+                "one_row_16bit_4000.png": (crafted_png(4_000, 4_000, bit_depth=16, rows_of_data=1), 400, "4000"),
+            }
+            for name, (data, status, size) in hostile.items():
+                assert len(data) < 2**20, name  # small uploads: the upload limit is not what refuses them
+                reply = client.post("/classify", files={"file": (name, data, "image/png")}, data={"labels": "Edema"})
+                assert reply.status_code == status, (name, reply.text)
+                assert name in reply.json()["detail"] and size in reply.json()["detail"], reply.text
+            peak = _memory_kb(server.pid)["VmHWM"]
+            assert client.get("/health").status_code == 200  # the same keep-alive connection still works
+            reply = client.post("/embed", files=upload(setup["good"][0]))
+            assert reply.status_code == 200
+            np.testing.assert_allclose(reply.json()["embedding"], setup["embeds"][0], atol=1e-5)
+        grown_mb = (peak - baseline["VmRSS"]) / 1024
+        print(f"server RSS {baseline['VmRSS'] / 1024:.0f} MB, peak after hostile uploads {peak / 1024:.0f} MB")
+        assert grown_mb < 400, f"peak RSS grew by {grown_mb:.0f} MB"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

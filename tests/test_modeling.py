@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import BertConfig, Dinov2Config
 
 from configuration_chexficient import CheXficientConfig

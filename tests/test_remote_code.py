@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import json
 
 import numpy as np
+import PIL.Image
 import torch
+from helpers import run_without_project
 from safetensors.torch import load_file
 
 from image_processing_chexficient import CheXficientImageProcessor
@@ -16,30 +15,7 @@ from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor
 
 
-CLEAN_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc
-    import sys
-
-    PROJECT = {"configuration_chexficient", "modeling_chexficient", "image_processing_chexficient",
-               "processing_chexficient", "train", "eval", "scripts"}
-
-    class HideProject(importlib.abc.MetaPathFinder):
-        # this process stands for a user's machine: the project itself is not installed there
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in PROJECT:
-                raise ImportError(f"{name} is not installed here")
-            return None
-
-    sys.meta_path.insert(0, HideProject())
-    try:
-        import modeling_chexficient
-    except ImportError:
-        pass
-    else:
-        sys.exit("the project is importable: the test would prove nothing")
-
+LOAD_WITH_AUTO_CLASSES = """
     import numpy as np
     import torch
     from safetensors.torch import load_file, save_file
@@ -63,35 +39,37 @@ CLEAN_PROCESS_SCRIPT = textwrap.dedent(
          "input_ids": inputs["input_ids"].contiguous(), "probs": probs.contiguous()},
         sys.argv[3],
     )
-    """
-)
+"""
+ZERO_SHOT_PIPELINE = """
+    import json
+    from transformers import pipeline
+
+    folder, image_path = sys.argv[1], sys.argv[2]
+    classify = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    assert type(classify.model).__name__ == "CheXficientModel", type(classify.model)
+    result = classify(image_path, candidate_labels=["pneumothorax", "pleural effusion", "normal"], hypothesis_template="{}")
+    with open(sys.argv[3], "w") as handle:
+        json.dump(result, handle)
+"""
 
 
-def test_auto_classes_load_in_a_clean_process(tmp_path, config, tokenizer):
+def _saved_folder(tmp_path, config, tokenizer):
     import PIL.Image
 
-    folder, work = tmp_path / "model", tmp_path / "elsewhere"
-    work.mkdir()
+    folder = tmp_path / "model"
     model = CheXficientModel(config).eval()
     processor = CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     image_path = tmp_path / "cxr.png"
     PIL.Image.fromarray((np.random.default_rng(0).random((40, 32)) * 255).astype(np.uint8)).save(image_path)
-    script = work / "load.py"
-    script.write_text(CLEAN_PROCESS_SCRIPT)
-    output = tmp_path / "out.safetensors"
+    return model, processor, folder, image_path
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-I", str(script), str(folder), str(image_path), str(output)],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+
+def test_auto_classes_load_in_a_clean_process(tmp_path, config, tokenizer):
+    model, processor, folder, image_path = _saved_folder(tmp_path, config, tokenizer)
+    output = tmp_path / "out.safetensors"
+    run_without_project(LOAD_WITH_AUTO_CLASSES, folder, image_path, output, workdir=tmp_path / "elsewhere")
 
     remote = load_file(output)
     inputs = processor(text=["no pleural effusion", "small right pneumothorax"], images=[image_path, image_path])
@@ -120,3 +98,21 @@ def test_processor_class_loads_a_folder_without_trusting_remote_code(tmp_path, t
     assert type(loaded.image_processor) is CheXficientImageProcessor
     assert loaded.image_processor.size == {"shortest_edge": 28} and loaded.max_length == 100
     assert loaded(text=["no pneumothorax"])["input_ids"].tolist() == tokenizer(["no pneumothorax"])["input_ids"]
+
+
+def test_stock_zero_shot_pipeline_in_a_clean_process(tmp_path, config, tokenizer):
+    model, processor, folder, image_path = _saved_folder(tmp_path, config, tokenizer)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForZeroShotImageClassification"]
+    output = tmp_path / "pipeline.json"
+    done = run_without_project(ZERO_SHOT_PIPELINE, folder, image_path, output, workdir=tmp_path / "elsewhere")
+    assert "not supported for zero-shot-image-classification" not in done.stderr
+    result = json.loads(output.read_text())
+    labels = ["pneumothorax", "pleural effusion", "normal"]
+    # the pipeline's protocol: a softmax over the candidate labels of the scaled image-text logits (8-bit RGB input)
+    rgb = PIL.Image.open(image_path).convert("RGB")
+    inputs = processor(text=labels, images=[rgb])
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image[0].softmax(dim=-1)
+    got = {item["label"]: item["score"] for item in result}
+    assert [item["label"] for item in result] == [labels[i] for i in expected.argsort(descending=True)]
+    torch.testing.assert_close(torch.tensor([got[label] for label in labels]), expected, atol=1e-5, rtol=1e-4)

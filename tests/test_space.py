@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from test_publish import save_tiny_llava

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import InputItem, discover_inputs, make_image_loader
-from .embed import errors_path, write_errors
+from .embed import csv_cell, errors_path, write_errors
 from .engine import InferenceEngine, parse_labels
 
 
@@ -51,8 +51,10 @@ def write_probabilities(out: Path, labels: Sequence[str], items: Sequence[InputI
     else:
         with tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["id", "path", *labels])
-            writer.writerows([item.id, item.path, *(f"{p:.6f}" for p in row)] for item, row in zip(items, probs))
+            writer.writerow(["id", "path", *map(csv_cell, labels)])
+            writer.writerows(
+                [csv_cell(item.id), csv_cell(item.path), *(f"{p:.6f}" for p in row)] for item, row in zip(items, probs)
+            )
     os.replace(tmp, out)
 
 

@@ -49,8 +49,13 @@ def write_errors(path: Path, failures: Sequence[tuple[InputItem, str]]) -> Path 
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "path", "message"])
-        writer.writerows([item.id, item.path, message] for item, message in failures)
+        writer.writerows([csv_cell(item.id), csv_cell(item.path), csv_cell(message)] for item, message in failures)
     return path
+
+
+def csv_cell(value: str) -> str:
+    """A text cell safe to open in a spreadsheet: a leading =, +, - or @ (a formula) is escaped with a quote."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@") else value
 
 
 # ----- storage ---------------------------------------------------------------------------------------------------
@@ -199,7 +204,11 @@ class EmbeddingStore:
         self._ids, self._paths, self._rows = [], [], []
 
     def finalize(self) -> int:
-        """Merge OUT and every chunk into OUT (atomically); returns the total number of rows."""
+        """Merge OUT and every chunk into OUT (atomically), each id once; returns the total number of rows.
+
+        Exactly once whatever the moment of a kill: the chunks are removed only after OUT is replaced, and a run
+        killed in between leaves OUT and chunks holding the same ids, which the next merge keeps once (OUT's row).
+        """
         self.flush()
         sources = self._sources()
         if not sources:
@@ -209,12 +218,15 @@ class EmbeddingStore:
         ids: list[str] = []
         paths: list[str] = []
         arrays: list[np.ndarray] = []
+        seen: set[str] = set()
         for source in sources:
             part_ids, part_paths, embeddings = read_embeddings(source, self.fmt)
-            if part_ids:
-                ids += part_ids
-                paths += part_paths
-                arrays.append(embeddings)
+            fresh = [i for i, sample_id in enumerate(part_ids) if sample_id not in seen]
+            seen.update(part_ids)
+            if fresh:
+                ids += [part_ids[i] for i in fresh]
+                paths += [part_paths[i] for i in fresh]
+                arrays.append(embeddings[fresh])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_file(self.path, self.fmt, ids, paths, np.concatenate(arrays) if arrays else np.zeros((0, 0)))
         shutil.rmtree(self.parts_dir, ignore_errors=True)
@@ -293,4 +305,13 @@ def run_embed(
     )
 
 
-__all__ = ["FORMATS", "EmbeddingStore", "RunSummary", "errors_path", "infer_format", "read_embeddings", "run_embed"]
+__all__ = [
+    "FORMATS",
+    "EmbeddingStore",
+    "csv_cell",
+    "RunSummary",
+    "errors_path",
+    "infer_format",
+    "read_embeddings",
+    "run_embed",
+]

@@ -3,7 +3,12 @@
 Concurrent requests are micro-batched: a single worker task takes the first queued image, waits up to `max_wait_ms`
 for more (at most `max_batch_size`), runs one forward in a thread and answers every request of the batch. Uploads
 are decoded in a thread pool, bounded by `max_upload_mb` (413), and bad input gets a JSON 4xx without harming the
-server: 400 for empty or corrupt images, 415 for files that are not PNG/JPEG/DICOM, 422 for missing fields or labels.
+server: 400 for empty, corrupt or truncated images, 413 for uploads over `max_upload_mb` or images over the
+processor's pixel budget (`max_image_pixels`, 60 MP by default), 415 for files that are not PNG/JPEG/DICOM, 422 for
+missing fields or labels (at most `MAX_LABELS` labels of at most `MAX_LABEL_CHARS` characters each).
+
+Label sets are tokenised and embedded in the request's own thread (not in the batching thread, where every queued
+request would wait for it) and kept in the model's LRU prompt cache (`CheXficientModel.zero_shot_cache_size`).
 
     GET  /health
     POST /embed     multipart: file=<image>                       -> {"filename", "dim", "embedding"}
@@ -32,6 +37,7 @@ from .engine import InferenceEngine, parse_labels
 logger = logging.getLogger(__name__)
 
 MAX_LABELS = 64
+MAX_LABEL_CHARS = 100
 IMAGE_FIELD = "a PNG, JPEG or DICOM radiograph"
 LABELS_FIELD = "comma-separated findings, e.g. 'Pneumothorax,Cardiomegaly' (or the `labels` query parameter)"
 
@@ -54,6 +60,7 @@ def sniff_image(data: bytes) -> str | None:
 class _Request:
     pixel_values: np.ndarray
     labels: tuple[str, ...] | None
+    text_embeds: torch.Tensor | None  # [C, 2, D] prompt embeddings of `labels`
     future: asyncio.Future
 
 
@@ -81,12 +88,17 @@ class MicroBatcher:
                 pass
             self._task = None
 
-    async def submit(self, pixel_values: np.ndarray, labels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Queue one preprocessed image; resolves to {"embedding": [D]} (+ "probabilities": [C] with labels)."""
+    async def submit(
+        self, pixel_values: np.ndarray, labels: tuple[str, ...] | None = None, text_embeds: torch.Tensor | None = None
+    ) -> dict[str, np.ndarray]:
+        """Queue one preprocessed image; resolves to {"embedding": [D]} (+ "probabilities": [C] for `labels`, whose
+        prompt embeddings `text_embeds` [C, 2, D] the caller computed)."""
+        if (labels is None) != (text_embeds is None):
+            raise ValueError("pass both `labels` and their `text_embeds`, or neither.")
         if self._queue is None:
             raise RuntimeError("the micro-batcher is not running (the app's lifespan did not start).")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(pixel_values, labels, future))
+        await self._queue.put(_Request(pixel_values, labels, text_embeds, future))
         return await future
 
     async def _collect(self) -> list[_Request]:
@@ -126,12 +138,13 @@ class MicroBatcher:
         pixels = torch.from_numpy(np.stack([request.pixel_values for request in batch]))
         embeds = self.engine.embed_pixels(pixels)  # one forward for the whole batch
         results = [{"embedding": row} for row in embeds.cpu().numpy()]
-        groups: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[tuple[str, ...], list[int]] = {}  # requests with the same label set are scored together
         for index, request in enumerate(batch):
-            if request.labels:
+            if request.labels is not None:
                 groups.setdefault(request.labels, []).append(index)
-        for labels, indices in groups.items():
-            probs = self.engine.classify_embeds(embeds[indices], labels)
+        for indices in groups.values():
+            text_embeds = batch[indices[0]].text_embeds
+            probs = self.engine.classify_embeds(embeds[indices], text_embeds=text_embeds)
             for index, row in zip(indices, probs):
                 results[index]["probabilities"] = row
         return results
@@ -258,7 +271,8 @@ def create_app(
         try:
             return await run_in_threadpool(engine.image_processor.process_one, data, name)
         except (ValueError, OSError) as error:
-            raise HTTPException(400, str(error)) from error
+            too_large = any(cls.__name__ == "ImageTooLargeError" for cls in type(error).__mro__)  # pixel budget
+            raise HTTPException(413 if too_large else 400, str(error)) from error
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -300,8 +314,16 @@ def create_app(
             raise HTTPException(422, str(error)) from error
         if len(label_list) > MAX_LABELS:
             raise HTTPException(422, f"labels: at most {MAX_LABELS} findings per request, got {len(label_list)}.")
+        too_long = [label for label in label_list if len(label) > MAX_LABEL_CHARS]
+        if too_long:
+            raise HTTPException(
+                422,
+                f"labels: each finding has at most {MAX_LABEL_CHARS} characters; {too_long[0][:40]!r}... has "
+                f"{len(too_long[0])}.",
+            )
         pixels = await decode(file)
-        result = await batcher.submit(pixels, tuple(label_list))
+        text_embeds = await run_in_threadpool(engine.label_embeds, label_list)  # not in the batching thread
+        result = await batcher.submit(pixels, tuple(label_list), text_embeds)
         probs = {label: float(p) for label, p in zip(label_list, result["probabilities"])}
         return {"filename": file.filename, "probabilities": probs}
 
@@ -316,4 +338,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, log_level: 
     uvicorn.run(create_app(model_dir, **kwargs), host=host, port=port, log_level=log_level)
 
 
-__all__ = ["MicroBatcher", "UploadLimitMiddleware", "create_app", "serve", "sniff_image"]
+__all__ = [
+    "MAX_LABELS",
+    "MAX_LABEL_CHARS",
+    "MicroBatcher",
+    "UploadLimitMiddleware",
+    "create_app",
+    "serve",
+    "sniff_image",
+]

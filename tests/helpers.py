@@ -1,0 +1,118 @@
+"""Builders and harnesses the test files share: tiny configs, a tiny tokenizer, saved tiny models, and a Python
+process standing for a user's machine, where nothing of this project can be imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from transformers import BertTokenizerFast
+
+from configuration_chexficient import CheXficientConfig
+
+
+TINY_WORDS = (
+    "no there is finding pneumothorax effusion pleural cardiomegaly heart lungs clear normal size the are of and "
+    "right left small large opacity consolidation nodule tube fracture rib acute process"
+).split()
+PROJECT_MODULES = (
+    "configuration_chexficient",
+    "modeling_chexficient",
+    "image_processing_chexficient",
+    "processing_chexficient",
+    "chexficient",
+    "train",
+    "eval",
+    "llava_rad",
+    "scripts",
+    "space",
+)
+# Prepended to a script run by `run_without_project`: any import of the project fails, as on a user's machine.
+_HIDE_PROJECT = textwrap.dedent(
+    f"""
+    import importlib.abc
+    import sys
+
+    PROJECT = {set(PROJECT_MODULES)!r}
+
+
+    class HideProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in PROJECT:
+                raise ImportError(f"{{name}} is not installed here")
+            return None
+
+
+    sys.meta_path.insert(0, HideProject())
+    try:
+        import modeling_chexficient
+    except ImportError:
+        pass
+    else:
+        sys.exit("the project is importable: the test would prove nothing")
+    """
+)
+
+
+def tiny_config(**overrides) -> CheXficientConfig:
+    """A CheXficient config small enough for CPU tests (hidden 32, 2 layers, 28 px images, patch 14)."""
+    values = dict(
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=28, patch_size=14
+        ),
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+        ),
+        projection_dim=16,
+        num_prototypes=3,
+    )
+    values.update(overrides)
+    return CheXficientConfig(**values)
+
+
+def tiny_tokenizer() -> BertTokenizerFast:
+    """A lower-casing WordPiece tokenizer over a few report words (ids < 64, the tiny vocab size)."""
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS])}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
+
+
+def save_tiny_model(folder, **config_overrides):
+    """Save a tiny random CheXficient with its processor and tokenizer (28 px images) to `folder`; returns it."""
+    from image_processing_chexficient import CheXficientImageProcessor
+    from modeling_chexficient import CheXficientModel
+    from processing_chexficient import CheXficientProcessor
+
+    model = CheXficientModel(tiny_config(**config_overrides)).eval()
+    model.save_pretrained(folder)
+    CheXficientProcessor(CheXficientImageProcessor(size={"shortest_edge": 28}), tiny_tokenizer()).save_pretrained(
+        folder
+    )
+    return model
+
+
+def run_without_project(script: str, *args: str, workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh, isolated interpreter (`-I`) in `workdir`, where the project cannot be imported, as
+    a user with only torch, transformers and a downloaded folder; the run must succeed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "without_project.py"
+    path.write_text(_HIDE_PROJECT + "\n" + textwrap.dedent(script))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-I", str(path), *map(str, args)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
