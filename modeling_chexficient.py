@@ -221,7 +221,12 @@ class CheXficientPreTrainedModel(PreTrainedModel):
         for auto_class, class_name in _AUTO_CLASSES.items():
             auto_map.setdefault(auto_class, f"{module}.{class_name}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if type(self)._auto_class is None:  # an unregistered class (the vision model) still ships the code it needs
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(self, save_directory)
+        return result
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -482,13 +487,19 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
         self,
         pixel_values: torch.FloatTensor,
         labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """Logits [B, num_labels] from `pixel_values` [B, 3, H, W]; a loss when `labels` are given."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         with torch.no_grad():
-            features = F.normalize(self.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
+            outputs = self.vision_model(
+                pixel_values=pixel_values, return_dict=True, **{k: v for k, v in tower_kwargs.items() if v is not None}
+            )
+        features = F.normalize(outputs.pooler_output, dim=-1)
         logits = self.classifier(features)
 
         loss = None
@@ -508,9 +519,10 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
-        if not return_dict:
-            return (loss, logits) if loss is not None else (logits,)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        result = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return result if return_dict else result.to_tuple()
 
 
 CheXficientModel.register_for_auto_class("AutoModel")

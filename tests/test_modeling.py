@@ -154,34 +154,6 @@ def test_towers_are_transformers_classes_with_sdpa(config):
     assert model.visual_projection.bias is not None and model.text_projection.bias is not None
 
 
-def test_eager_and_sdpa_attention_agree(config):
-    sdpa = CheXficientModel(config).eval()
-    eager_config = tiny_config()
-    eager_config._attn_implementation = "eager"
-    eager_model = CheXficientModel(eager_config).eval()
-    eager_model.load_state_dict(sdpa.state_dict())
-    input_ids, attention_mask, pixel_values = _inputs()
-    a = sdpa(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-    b = eager_model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, atol=1e-4, rtol=1e-4)
-
-
-def test_save_load_round_trip_gives_identical_outputs(config, tmp_path):
-    model = CheXficientModel(config).eval()
-    with torch.no_grad():
-        model.prototypes.copy_(F.normalize(torch.randn_like(model.prototypes), dim=-1))
-        model.logit_scale.fill_(3.2)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_chexficient.py").exists()
-    reloaded = CheXficientModel.from_pretrained(tmp_path).eval()
-    input_ids, attention_mask, pixel_values = _inputs()
-    a = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-    b = reloaded(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-    torch.testing.assert_close(a.logits_per_image, b.logits_per_image, atol=0, rtol=0)
-    torch.testing.assert_close(reloaded.prototypes, model.prototypes)
-    torch.testing.assert_close(reloaded.logit_scale, model.logit_scale)
-
-
 def test_vision_model_loads_from_full_checkpoint(config, tmp_path):
     model = CheXficientModel(config).eval()
     model.save_pretrained(tmp_path)
@@ -212,6 +184,185 @@ def test_linear_probe_freezes_encoder_and_trains_head(config, tmp_path):
     assert probe.classifier.weight.grad is not None
     classes = torch.randint(0, 4, (5,))
     torch.testing.assert_close(probe(pixel_values, labels=classes).loss, F.cross_entropy(out.logits, classes))
+
+
+# ----- every model class, in transformers' ModelTester style -------------------------------------------------------
+
+
+class CheXficientModelTester:
+    """Tiny configs and inputs for each CheXficient model class (hidden 32, 2 layers, 28 px, patch 14)."""
+
+    def __init__(self, batch_size: int = 3, seq_length: int = 7, image_size: int = 28, num_labels: int = 4):
+        self.batch_size, self.seq_length, self.image_size, self.num_labels = (
+            batch_size,
+            seq_length,
+            image_size,
+            num_labels,
+        )
+
+    def get_config(self, attn_implementation: str = "sdpa") -> CheXficientConfig:
+        config = tiny_config(num_labels=self.num_labels)
+        config._attn_implementation = attn_implementation
+        return config
+
+    def prepare_inputs(self, model_class: type) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(1)
+        inputs = {
+            "pixel_values": torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
+        }
+        if model_class is CheXficientModel:
+            input_ids = torch.randint(5, 64, (self.batch_size, self.seq_length), generator=generator)
+            attention_mask = torch.ones_like(input_ids)
+            attention_mask[0, 4:], input_ids[0, 4:] = 0, 0  # right padding on the first report
+            inputs.update(input_ids=input_ids, attention_mask=attention_mask)
+        return inputs
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A scalar that depends on every trainable parameter the class trains."""
+        if isinstance(model, CheXficientModel):
+            return model(**inputs, return_loss=True).loss
+        if isinstance(model, CheXficientForImageClassification):
+            labels = torch.randint(
+                0, 2, (self.batch_size, self.num_labels), generator=torch.Generator().manual_seed(2)
+            )
+            return model(**inputs, labels=labels.float()).loss
+        return model(**inputs).image_embeds.square().sum()
+
+    @staticmethod
+    def first_output(output) -> torch.Tensor:
+        for name in ("logits_per_image", "logits", "image_embeds"):
+            if getattr(output, name, None) is not None:
+                return getattr(output, name)
+        raise AssertionError(f"no main output in {type(output).__name__}")
+
+
+def _device_of(name: str, device_map: dict[str, object]) -> object:
+    """The device a parameter goes to under `device_map` (the longest module prefix that names it)."""
+    prefixes = [p for p in device_map if p == "" or name == p or name.startswith(p + ".")]
+    return device_map[max(prefixes, key=len)]
+
+
+class ModelTesterMixin:
+    model_class: type
+    tester = CheXficientModelTester()
+
+    def make(self, attn_implementation: str = "sdpa") -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.model_class(self.tester.get_config(attn_implementation)).eval()
+
+    def test_towers_are_transformers_classes_and_the_claims_are_theirs(self):
+        from transformers import BertModel, Dinov2Model
+
+        model = self.make()
+        assert type(model.vision_model) is Dinov2Model
+        towers = [model.vision_model] + ([model.text_model] if hasattr(model, "text_model") else [])
+        if hasattr(model, "text_model"):
+            assert type(model.text_model) is BertModel and model.text_model.pooler is None  # features pool [SEP]
+        for tower in towers:  # what CheXficient declares, its towers must support
+            assert tower.config._attn_implementation == "sdpa"
+            assert type(tower)._supports_sdpa and type(tower)._supports_flash_attn
+            assert type(tower).supports_gradient_checkpointing
+        layer_classes = {type(m).__name__ for m in model.modules()}
+        assert set(self.model_class._no_split_modules) & layer_classes  # names real modules of this model
+
+    def test_save_and_load_give_identical_outputs(self, tmp_path):
+        model = self.make()
+        inputs = self.tester.prepare_inputs(self.model_class)
+        model.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors").exists() and (tmp_path / "modeling_chexficient.py").exists()
+        reloaded = self.model_class.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            a, b = model(**inputs), reloaded(**inputs)
+        torch.testing.assert_close(self.tester.first_output(a), self.tester.first_output(b), atol=0, rtol=0)
+
+    def test_sdpa_and_eager_attention_agree(self):
+        sdpa, eager = self.make("sdpa"), self.make("eager")
+        eager.load_state_dict(sdpa.state_dict())
+        assert eager.vision_model.config._attn_implementation == "eager"
+        inputs = self.tester.prepare_inputs(self.model_class)
+        with torch.no_grad():
+            a, b = sdpa(**inputs), eager(**inputs)
+        torch.testing.assert_close(self.tester.first_output(a), self.tester.first_output(b), atol=1e-4, rtol=1e-4)
+
+    def test_hidden_states_and_attentions(self):
+        model = self.make("eager")  # attention maps need the eager kernel
+        inputs = self.tester.prepare_inputs(self.model_class)
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        vision = out.vision_model_output if hasattr(out, "vision_model_output") else out
+        layers = model.config.vision_config.num_hidden_layers
+        tokens = 1 + (self.tester.image_size // model.config.vision_config.patch_size) ** 2
+        assert len(vision.hidden_states) == layers + 1 and len(vision.attentions) == layers
+        assert vision.hidden_states[-1].shape == (self.tester.batch_size, tokens, 32)
+        heads = model.config.vision_config.num_attention_heads
+        assert vision.attentions[0].shape == (self.tester.batch_size, heads, tokens, tokens)
+        torch.testing.assert_close(vision.attentions[0].sum(-1), torch.ones(self.tester.batch_size, heads, tokens))
+        if hasattr(out, "text_model_output"):
+            text = out.text_model_output
+            assert len(text.hidden_states) == model.config.text_config.num_hidden_layers + 1
+            assert text.attentions[0].shape[-1] == self.tester.seq_length
+
+    def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(self):
+        inputs = self.tester.prepare_inputs(self.model_class)
+        results = {}
+        for checkpointing in (False, True):
+            model = self.make()
+            model.train()
+            for module in model.modules():  # no dropout: both runs must see the same function
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            if checkpointing:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                assert model.is_activation_checkpointing
+            calls: list[int] = []
+            layer = next(m for m in model.vision_model.modules() if type(m).__name__ == "Dinov2Layer")
+            layer.mlp.register_forward_hook(lambda *args, calls=calls: calls.append(1))  # inside the checkpoint
+            self.tester.loss(model, inputs).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[checkpointing] = (len(calls), grads)
+        (plain_calls, plain), (checkpointed_calls, checkpointed) = results[False], results[True]
+        assert plain.keys() == checkpointed.keys() and plain
+        for name in plain:
+            torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+        if self.model_class is not CheXficientForImageClassification:  # its frozen encoder runs without autograd
+            assert checkpointed_calls == 2 * plain_calls  # the layer ran again in the backward pass
+
+    def test_device_map_keeps_no_split_modules_whole(self):
+        """At a memory budget where accelerate, told nothing, cuts a transformer layer across devices, the model's
+        `_no_split_modules` keeps every layer whole."""
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import compute_module_sizes
+
+        model = self.make()
+        total = compute_module_sizes(model)[""]
+
+        def split_layers(no_split: list[str], fraction: float) -> tuple[set[str], set[object]]:
+            budget = {"cpu": int(total * fraction), "disk": total * 2}  # too small a CPU: the rest is offloaded
+            device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+            split = set()
+            for name, module in model.named_modules():
+                if type(module).__name__ in model._no_split_modules:
+                    devices = {_device_of(f"{name}.{p}", device_map) for p, _ in module.named_parameters()}
+                    split |= {name} if len(devices) > 1 else set()
+            return split, set(device_map.values())
+
+        fractions = [f / 100 for f in range(50, 100, 2)]
+        cutting = next((f for f in fractions if split_layers([], f)[0]), None)
+        assert cutting is not None, "no budget splits a layer: the check would prove nothing"
+        split, _ = split_layers(model._no_split_modules, cutting)
+        assert not split, split
+
+
+class TestCheXficientModel(ModelTesterMixin):
+    model_class = CheXficientModel
+
+
+class TestCheXficientVisionModel(ModelTesterMixin):
+    model_class = CheXficientVisionModel
+
+
+class TestCheXficientForImageClassification(ModelTesterMixin):
+    model_class = CheXficientForImageClassification
 
 
 # ----- zero-shot ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,32 +130,53 @@ def test_single_process_run_curates_trains_and_exports(workspace):
     assert model.prototypes.abs().sum() > 0  # the curator's prototypes travel with the model
 
 
-def test_killed_run_resumes_without_repeating_or_losing_samples(workspace):
-    reference = workspace / "reference"
-    args = dict(save_steps=2, num_epochs=4)
-    run([sys.executable, "train/pretrain.py", *common_args(workspace, reference, **args)])
-
-    killed = workspace / "killed"
+def kill_after_checkpoint(workspace: Path, output: Path, step: int, **args) -> None:
+    """Start a run and SIGKILL it as soon as the checkpoint of `step` is complete."""
     process = subprocess.Popen(
-        [sys.executable, "train/pretrain.py", *common_args(workspace, killed, **args)],
+        [sys.executable, "train/pretrain.py", *common_args(workspace, output, **args)],
         cwd=ROOT,
         env=environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    marker = killed / "checkpoints" / "step-00000004" / "checkpoint_complete.json"
+    marker = output / "checkpoints" / f"step-{step:08d}" / "checkpoint_complete.json"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    [4, 10],
+    ids=["at-the-end-of-the-curation-epoch", "in-the-middle-of-a-post-curation-epoch"],
+)
+def test_killed_run_resumes_without_repeating_or_losing_samples(workspace, kill_at):
+    """The resumed process starts at its checkpoint's step and never runs the steps before it; together the two
+    processes run every step of an uninterrupted run once, on the same samples, to the same weights."""
+    args = dict(save_steps=2, num_epochs=4)
+    reference = workspace / "reference"
+    if not (reference / "summary.json").exists():
+        run([sys.executable, "train/pretrain.py", *common_args(workspace, reference, **args)])
+    killed = workspace / f"killed-{kill_at}"
+    kill_after_checkpoint(workspace, killed, kill_at, **args)
 
     resumed = run(
         [sys.executable, "train/pretrain.py", *common_args(workspace, killed, resume_from_checkpoint="latest", **args)]
     )
-    assert "resumed from" in resumed.stderr + resumed.stdout or (killed / "summary.json").exists()
+    started = re.search(r"resumed from \S+ at step (\d+)", resumed.stdout)
+    assert started, resumed.stdout[-2000:]
+    checkpoint_step = int(started.group(1))
+    assert checkpoint_step >= kill_at and checkpoint_step % 2 == 0
+    records = [json.loads(line) for line in (killed / "samples.jsonl").read_text().splitlines()]
+    second = [r["step"] for r in records if r["resumed_from"] == checkpoint_step]
+    first = [r["step"] for r in records if r["resumed_from"] is None]
+    assert second and min(second) == checkpoint_step + 1  # started at the checkpoint's step, not from step 1
+    assert second == list(range(checkpoint_step + 1, max(second) + 1))  # and never ran a step twice
+    assert set(range(1, checkpoint_step + 1)) <= set(first)  # the killed process had run those
     expected, got = read_trace(reference), read_trace(killed)
-    assert sorted(got) == sorted(expected)  # every step ran, none twice
+    assert sorted(got) == sorted(expected)  # every step ran
     for step in expected:
         assert got[step]["indices"] == expected[step]["indices"], step
         assert got[step]["kept"] == expected[step]["kept"], step
@@ -164,6 +186,55 @@ def test_killed_run_resumes_without_repeating_or_losing_samples(workspace):
     b = load_file(killed / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+NO_PICKLE_RESUME = """
+import pickle, runpy, sys, torch
+
+real_load = torch.load
+loaded = []
+
+
+def weights_only_load(*args, **kwargs):
+    if kwargs.get("weights_only") is False:
+        raise SystemExit(f"unpickled {args[0]} with weights_only=False")
+    loaded.append(str(args[0]))
+    return real_load(*args, **kwargs)
+
+
+def refuse(*args, **kwargs):
+    raise SystemExit("pickle.load(s) called while resuming")
+
+
+torch.load, pickle.load, pickle.loads = weights_only_load, refuse, refuse
+sys.argv = ["train/pretrain.py", *sys.argv[1:]]
+runpy.run_path("train/pretrain.py", run_name="__main__")
+print("torch.load:", loaded)
+"""
+
+
+def test_resume_loads_no_pickle(workspace, tmp_path):
+    """Model, optimizer and schedule come back through Accelerate's weights-only loads; the curator and the train
+    state from safetensors and JSON: nothing is unpickled."""
+    output = workspace / "no-pickle"
+    args = dict(save_steps=2, num_epochs=2, max_steps=6)
+    run([sys.executable, "train/pretrain.py", *common_args(workspace, output, **args)])
+    checkpoint = output / "checkpoints" / "step-00000006"
+    assert (checkpoint / "curator.safetensors").exists() and (checkpoint / "curator.json").exists()
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # no pickled custom state
+    script = tmp_path / "resume_without_pickle.py"
+    script.write_text(NO_PICKLE_RESUME)
+    resumed = run(
+        [
+            sys.executable,
+            str(script),
+            *common_args(workspace, output, resume_from_checkpoint=str(checkpoint), **{**args, "max_steps": 8}),
+        ]
+    )
+    assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
+    assert "optimizer.bin" in resumed.stdout  # the optimizer state was loaded, weights-only
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 8
 
 
 def test_two_processes_over_gloo_share_one_super_batch(workspace):
@@ -219,3 +290,16 @@ def test_accumulate_mode_steps_on_the_selection_only(workspace):
     trace = read_trace(output)
     first = trace[1]
     assert len(first["indices"]) == 40 and 0 < len(first["kept"]) < 40
+
+
+def test_subset_smaller_than_one_curated_batch_still_trains(workspace):
+    """Before: 0 steps after the curation epoch, silently. Now the batch shrinks to the subset, with a warning."""
+    output = workspace / "small-subset"
+    result = run(
+        [sys.executable, "train/pretrain.py", *common_args(workspace, output, curated_batch_size=500, num_epochs=3)]
+    )
+    subset = json.loads((output / "final" / "curated_subset.json").read_text())
+    assert "is smaller than one curated super-batch" in result.stdout
+    later = [r for r in read_trace(output).values() if r["epoch"] > 0]
+    assert [r["epoch"] for r in later] == [1, 2]  # one step per post-curation epoch
+    assert all(sorted(r["indices"]) == subset["indices"] for r in later)  # each walks the whole subset

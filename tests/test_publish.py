@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
 from safetensors.torch import load_file
@@ -162,7 +162,10 @@ def test_dry_run_folder_loads_in_a_clean_process_and_its_card_parses(trained_run
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Dry run: would upload these files to https://huggingface.co/test-org/tiny-chexficient" in done.stdout
+    assert (
+        "Dry run: would upload these files to https://huggingface.co/test-org/tiny-chexficient as a private model "
+        "repository." in done.stdout
+    )
     assert "left out of" in done.stdout and "optimizer.pt" in done.stdout and "checkpoints/" in done.stdout
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {push_to_hub.STAGING_MARKER}
@@ -223,6 +226,7 @@ def test_dry_run_folder_loads_in_a_clean_process_and_its_card_parses(trained_run
         "arXiv:2602.22843",
         "chexficient classify",
         "hf download test-org/tiny-chexficient",
+        "This repository was published as **private**",
     ):
         assert expected in text, expected
 
@@ -357,6 +361,122 @@ def test_bad_folders_and_arguments_are_clear_errors(tmp_path, trained_run):
     assert (trained_run / "model.safetensors").is_file()
 
 
+def _model_with_auto_map(folder: Path, config_name: str, key: str, reference) -> Path:
+    save_tiny_model(folder)
+    config = json.loads((folder / config_name).read_text())
+    config.setdefault("auto_map", {})[key] = reference
+    (folder / config_name).write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config_name", "key", "reference"),
+    [
+        ("config.json", "AutoModel", "../../pwn.X"),  # a path up and out of the model folder
+        ("config.json", "AutoModel", "ABSOLUTE/pwn.X"),  # an absolute path (ABSOLUTE: this test's tmp_path)
+        ("config.json", "AutoModel", "pkg.pwn.X"),  # a dotted package: module pkg/pwn
+        ("config.json", "AutoModel", "org/repo--../../pwn.X"),  # the repo-- prefix does not launder a path
+        ("tokenizer_config.json", "AutoTokenizer", [None, "../../pwn.X"]),  # [slow, fast] lists are checked too
+    ],
+)
+def test_auto_map_names_only_module_files_of_the_model_folder(tmp_path, config_name, key, reference):
+    reference = json.loads(json.dumps(reference).replace("ABSOLUTE", str(tmp_path / "evil")))
+    model = _model_with_auto_map(tmp_path / "src" / "x" / "model", config_name, key, reference)
+    planted = [tmp_path / "src" / "pwn.py", tmp_path / "evil" / "pwn.py", model / "pkg" / "pwn.py"]
+    for path in planted:  # every file the bad reference could point at exists
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("raise SystemExit('pwned')\n")
+    staged = tmp_path / "out" / "y" / "staged"
+    with pytest.raises(PublishError) as info:
+        push_to_hub.main(["--model", str(model), "--repo-id", "o/n", "--dry-run", "--output-dir", str(staged)])
+    bad = reference[-1] if isinstance(reference, list) else reference
+    assert str(model / config_name) in str(info.value) and repr(bad) in str(info.value)
+    assert sorted(tmp_path.rglob("pwn.py")) == sorted(planted)  # nothing copied anywhere, above staging or not
+    assert not staged.exists()  # checked before anything was written
+
+
+def test_auto_map_repo_prefix_is_ignored_and_links_out_of_the_folder_are_refused(tmp_path):
+    reference = "someone/CheXficient--modeling_chexficient.CheXficientModel"
+    model = _model_with_auto_map(tmp_path / "model", "config.json", "AutoModel", reference)
+    summary = push_to_hub.main(
+        ["--model", str(model), "--repo-id", "o/n", "--dry-run", "--output-dir", str(tmp_path / "staged")]
+    )
+    staged = Path(summary["output_dir"])
+    assert (staged / "modeling_chexficient.py").read_bytes() == (model / "modeling_chexficient.py").read_bytes()
+
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text("# not part of the model folder\n")
+    (model / "modeling_chexficient.py").unlink()
+    (model / "modeling_chexficient.py").symlink_to(outside)
+    with pytest.raises(PublishError, match="links outside the model folder"):
+        push_to_hub.main(["--model", str(model), "--repo-id", "o/n", "--dry-run", "--output-dir", str(staged)])
+
+
+def test_staged_files_hold_no_absolute_paths_of_this_machine(tmp_path):
+    run, data = tmp_path / "run", tmp_path / "data"
+    final = run / "final"
+    save_tiny_model(final)
+    (data / "Bio_ClinicalBERT").mkdir(parents=True)
+    config = json.loads((final / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = str(data / "Bio_ClinicalBERT")  # a tower initialised from a local copy
+    (final / "config.json").write_text(json.dumps(config))
+    manifest = run / "pairs.csv"
+    manifest.write_text("id,path,source\na,0.png,mimic\nb,1.png,nih\nc,2.png,mimic\nd,3.png,nih\n")
+    write_curated_subset(final, curated_subset_record([0, 2], ["a", "c"], 4, source=str(manifest)))
+    arguments = {
+        "model": {"model_name_or_path": None, "init_text_from": str(data / "Bio_ClinicalBERT")},
+        "data": {"train_manifest": str(manifest), "image_root": str(data / "images"), "id_column": "id"},
+        "train": {
+            "output_dir": str(run),
+            "num_epochs": 1,
+            "deepspeed": f"--config {tmp_path}/configs/zero2.json",
+            "logging_dir": str(Path.home() / "logs"),
+            "resume_from": str(Path.cwd() / "outputs" / "pretrain" / "checkpoint-9"),
+        },
+    }
+    (run / "arguments.json").write_text(json.dumps(arguments))
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "final_model": str(final), "by_path": {str(run): 1}}))
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    zero_shot = json.loads((EVAL_JSON / "zero_shot_phantom.json").read_text())
+    zero_shot.update(model=str(final), manifest=str(data / "test.csv"))
+    (evals / "zero_shot_phantom.json").write_text(json.dumps(zero_shot))
+    shutil.copy(EVAL_JSON / "retrieval_phantom.json", evals)  # no local path: copied byte for byte
+
+    summary = push_to_hub.main(
+        ["--model", str(final), "--repo-id", "o/n", "--eval-dir", str(evals), "--dry-run"]
+        + ["--output-dir", str(tmp_path / "staged")]
+    )
+    staged = Path(summary["output_dir"])
+    forbidden = {str(tmp_path), str(Path.home()), str(Path.cwd()), str(ROOT)}
+    for name, content in _staged_files(staged).items():
+        text = content.decode("utf-8", errors="replace")
+        assert not [path for path in forbidden if path in text], name
+
+    # what the paths became: relative to the run folder when inside it, else the file name
+    args = json.loads((staged / "training" / "arguments.json").read_text())
+    assert args["data"] == {"train_manifest": "pairs.csv", "image_root": "images", "id_column": "id"}
+    assert args["model"]["init_text_from"] == "Bio_ClinicalBERT" and args["train"]["output_dir"] == "."
+    assert args["train"]["deepspeed"] == "--config zero2.json" and args["train"]["logging_dir"] == "logs"
+    assert json.loads((staged / "training" / "summary.json").read_text())["by_path"] == {".": 1}
+    subset = json.loads((staged / "curated_subset.json").read_text())
+    assert subset["source"] == "pairs.csv" and subset["ids"] == ["a", "c"] and subset["indices"] == [0, 2]
+    evaluated = json.loads((staged / "eval" / "zero_shot_phantom.json").read_text())
+    assert evaluated["model"] == "final" and evaluated["manifest"] == "test.csv"
+    assert evaluated["metrics"] == zero_shot["metrics"]
+    assert (staged / "eval" / "retrieval_phantom.json").read_bytes() == (evals / "retrieval_phantom.json").read_bytes()
+    assert json.loads((staged / "config.json").read_text())["text_config"]["_name_or_path"] == "Bio_ClinicalBERT"
+    assert any(note.startswith("training/arguments.json: 7 local path(s)") for note in summary["notes"])
+    # the card still counts per source (the manifest is read where it is) but names it by its run-relative path
+    text = ModelCard.load(staged / "README.md").text
+    assert "| candidate list | `pairs.csv` |" in text and "| mimic | 2 | 2 | 100.0% |" in text
+
+    # a file the rewriting does not understand, holding a local path, stops the upload
+    (final / "chat_template.jinja").write_text(f"{{# trained in {run} #}}")
+    with pytest.raises(PublishError, match="chat_template.jinja: holds the local path"):
+        push_to_hub.main(["--model", str(final), "--repo-id", "o/n", "--dry-run", "--output-dir", str(staged)])
+
+
 # ----- the upload, with huggingface_hub's HTTP transport stubbed ---------------------------------------------------
 
 
@@ -454,7 +574,6 @@ def test_upload_commits_every_staged_file_with_the_commit_message(fake_hub, trai
             str(trained_run),
             "--repo-id",
             "test-org/tiny",
-            "--private",
             "--eval-dir",
             str(EVAL_JSON),
             "--commit-message",
@@ -468,7 +587,9 @@ def test_upload_commits_every_staged_file_with_the_commit_message(fake_hub, trai
     calls = hub.calls()
     assert calls[0] == ("POST", "/api/repos/create")
     creates = [json.loads(r.content) for r in hub.requests if r.url.path == "/api/repos/create"]
+    # private unless asked otherwise: the model repository and the Space
     assert creates[0] == {"name": "tiny", "organization": "test-org", "type": "model", "visibility": "private"}
+    assert creates[1]["visibility"] == "private"
     assert ("POST", "/api/models/test-org/tiny/commit/main") in calls
     assert all(r.headers["authorization"] == "Bearer hf_test_write_token" for r in hub.requests if r.method == "POST")
 
@@ -543,6 +664,42 @@ def test_missing_token_is_a_clear_error_and_nothing_is_sent(fake_hub, trained_ru
         timeout=120,
     )
     assert done.returncode == 1 and "push_to_hub:" in done.stderr and "missing: no such model folder" in done.stderr
+
+
+def test_visibility_is_private_unless_public_is_asked_for(fake_hub, trained_run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    asked = []
+    create_repo = HfApi.create_repo
+
+    def recording_create_repo(self, repo_id, **kwargs):
+        asked.append((repo_id, kwargs["repo_type"], kwargs["private"]))
+        return create_repo(self, repo_id, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_repo", recording_create_repo)
+    argv = ["--model", str(trained_run), "--repo-id", "test-org/tiny", "--output-dir", str(tmp_path / "staged")]
+    for flags, visibility in (([], "private"), (["--visibility", "public"], "public")):
+        hub = fake_hub()
+        asked.clear()
+        summary = push_to_hub.main([*argv, *flags, "--space-id", "test-org/tiny-demo"])
+        private = visibility == "private"
+        assert asked == [("test-org/tiny", "model", private), ("test-org/tiny-demo", "space", private)]
+        creates = [json.loads(r.content) for r in hub.requests if r.url.path == "/api/repos/create"]
+        assert [create["visibility"] for create in creates] == [visibility, visibility]
+        out = capsys.readouterr().out
+        assert f"Uploading to https://huggingface.co/test-org/tiny as a {visibility} model repository" in out
+        assert f"as a {visibility} Space" in out
+        card = ModelCard.load(Path(summary["output_dir"]) / "README.md").text
+        assert f"This repository was published as **{visibility}**" in card
+
+    push_to_hub.main([*argv, "--visibility", "public", "--dry-run"])
+    assert (
+        "would upload these files to https://huggingface.co/test-org/tiny as a public model" in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        push_to_hub.main([*argv, "--visibility", "protected", "--dry-run"])
+    with pytest.raises(PublishError, match="unknown argument.*--private.*private by default, --visibility public"):
+        push_to_hub.main([*argv, "--private", "--dry-run"])
 
 
 # ----- LLaVA-Rad ---------------------------------------------------------------------------------------------------

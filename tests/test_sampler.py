@@ -74,3 +74,12 @@ def test_errors_are_clear():
         _sampler(rank=2, world_size=2)
     with pytest.raises(ValueError, match="curated ids"):
         _sampler().set_curated_ids(torch.tensor([200]))
+
+
+def test_post_curation_batch_shrinks_to_a_small_subset():
+    sampler = _sampler(world_size=2, batch_size=8, curated_batch_size=16, curation_epochs=1)
+    sampler.set_curated_ids(torch.arange(10))  # 10 pairs over 2 ranks: less than one 16 x 2 super-batch
+    assert sampler.current_batch_size(1) == 5 and sampler.steps_per_epoch(1) == 1
+    sampler.set_epoch(1)
+    assert [len(batch) for batch in sampler] == [5]
+    assert sampler.current_batch_size(0) == 8  # curation epochs keep their batch

@@ -14,9 +14,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from helpers import save_tiny_model
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import save_tiny_model
 from test_publish import save_tiny_llava
 
 from chexficient.inference.synthetic import write_dicom

@@ -206,7 +206,10 @@ def build_model(model_args: ModelArguments, config: CheXficientConfig) -> CheXfi
     if mask_token is not None:  # only masked-image modelling uses it; DDP rejects parameters without gradients
         mask_token.requires_grad_(False)
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            model.activation_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_enable()
     return model
 
 

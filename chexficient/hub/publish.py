@@ -3,8 +3,8 @@
 
     python scripts/push_to_hub.py --model outputs/demo/final --repo-id ORG/CheXficient-demo \\
         --eval-dir outputs/eval_demo --dry-run
-    python scripts/push_to_hub.py --model outputs/demo/final --repo-id ORG/CheXficient-demo --eval-dir outputs/eval_demo \\
-        --private --space-id ORG/CheXficient-demo-space
+    python scripts/push_to_hub.py --model outputs/demo/final --repo-id ORG/CheXficient-demo \\
+        --eval-dir outputs/eval_demo --visibility public --space-id ORG/CheXficient-demo-space
 
 Assembles the repository in `--output-dir` (default `outputs/hub/NAME`): safetensors weights, `config.json` with its
 `auto_map`, the remote-code files, tokenizer, processor, `curated_subset.json`, the evaluation JSON under `eval/`, the
@@ -12,18 +12,31 @@ training run's arguments and summary under `training/`, and `README.md` (the mod
 lists what would be uploaded; otherwise the folder goes up in one commit (`create_repo` + `upload_folder`). The token
 comes from huggingface_hub's usual places (`HF_TOKEN`, `hf auth login`). `--space-id` also publishes `space/` as a
 Gradio Space that serves this model.
+
+Nothing is trusted that need not be: the repository (and the Space) is private unless `--visibility public`; the
+remote-code modules a config's `auto_map` names must be plain module names of files in the model folder (or the four
+CheXficient files of the project); absolute paths of this machine in the staged records (the run's arguments and
+summary, the curated subset's source, the evaluation JSON, paths in the configs) are rewritten relative to the run
+folder or to their file name, and a staged text file that still holds one stops the upload.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import HfArgumentParser
+
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (outputs/ and space/ live there)
@@ -63,6 +76,14 @@ AUTO_MAP_CONFIGS = ("config.json", "preprocessor_config.json", "processor_config
 SPACE_LEFT_OUT = ("__pycache__", "*.pyc", "screenshot.py")  # not copied from space/ (screenshot.py is a dev tool)
 REPLACED_FOLDERS = ["eval/*", "training/*"]
 STAGING_MARKER = ".push_to_hub_staging"  # marks a folder this script may empty again; never uploaded
+# An auto_map reference is `[repo--]module.Class`; module and class must be plain names (no path, no package).
+PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# An absolute path inside a string (POSIX `/a/b` or Windows `C:\\a`), not part of a URL, a word or a tag like `</s>`.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<>\\-])(?:/(?=[^\s/])|[A-Za-z]:[\\/])[^\s\"'<>|,;()\[\]{}]*")
+WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]")
+CURATED_IDS = ("ids", "indices")  # the curated subset's data: they must match the manifest, so they stay as recorded
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".py", ".jinja", ".csv", ".yaml", ".yml", ".cfg", ".toml")
+TOKEN_TABLES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")  # tokens like `/root`, not paths
 
 
 class PublishError(RuntimeError):
@@ -73,7 +94,10 @@ class PublishError(RuntimeError):
 class PushArguments:
     model: str = field(metadata={"help": "Model folder: a CheXficient folder or a LlavaForConditionalGeneration one."})
     repo_id: str = field(metadata={"help": "Target Hub repository, ORG/NAME."})
-    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    visibility: Literal["private", "public"] = field(
+        default="private",
+        metadata={"help": "Visibility of the repository (and the Space) when it is created."},
+    )
     revision: str | None = field(default=None, metadata={"help": "Branch to commit to (created if missing)."})
     dry_run: bool = field(default=False, metadata={"help": "Assemble the folder and list it; upload nothing."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to assemble (default outputs/hub/NAME)."})
@@ -96,7 +120,7 @@ class PushArguments:
                 raise PublishError(f"--{name.replace('_', '-')} {value!r}: expected ORG/NAME.")
 
 
-# ----- assembling the repository folder ------------------------------------------------------------------------------
+# ----- the model folder and the staging folder -----------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -140,72 +164,219 @@ def _staged_files(folder: Path) -> list[str]:
     )
 
 
-def _auto_map_modules(folder: Path) -> dict[str, set[str]]:
-    """{module file: configs naming it} for every `auto_map` entry in the folder's configs."""
+# ----- remote code: what a config's auto_map names -------------------------------------------------------------------
+
+
+def _auto_map_references(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(auto class, reference) for every `auto_map` entry of a config (and of its nested image processor)."""
+    maps = [config.get("auto_map") or {}, (config.get("image_processor") or {}).get("auto_map") or {}]
+    return [
+        (key, item)
+        for auto_map in maps
+        for key, reference in auto_map.items()
+        for item in (reference if isinstance(reference, list) else [reference])
+        if item is not None
+    ]
+
+
+def _module_file(reference: Any, config_path: Path, key: str) -> str:
+    """`module.py` for an auto_map reference `[repo--]module.Class`; PublishError for a path, a package or junk."""
+    parts = reference.split("--") if isinstance(reference, str) else []
+    module, _, class_name = parts[-1].rpartition(".") if 0 < len(parts) <= 2 else ("", "", "")
+    if not (PLAIN_NAME.fullmatch(module) and PLAIN_NAME.fullmatch(class_name)):
+        raise PublishError(
+            f"{config_path}: auto_map {key} refers to {reference!r}; only `module.Class` with a plain module name "
+            "(a file beside config.json, no path or package) is published."
+        )
+    return module + ".py"
+
+
+def auto_map_modules(folder: Path) -> dict[str, set[str]]:
+    """{module file: configs naming it} for every `auto_map` entry in the folder's configs, each one validated."""
     modules: dict[str, set[str]] = {}
     for name in AUTO_MAP_CONFIGS:
         path = folder / name
-        if not path.is_file():
-            continue
-        config = _read_json(path)
-        maps = [config.get("auto_map") or {}, (config.get("image_processor") or {}).get("auto_map") or {}]
-        for auto_map in maps:
-            for reference in auto_map.values():
-                for item in reference if isinstance(reference, list) else [reference]:
-                    if item:
-                        modules.setdefault(item.split("--")[-1].rsplit(".", 1)[0] + ".py", set()).add(name)
+        if path.is_file():
+            for key, reference in _auto_map_references(_read_json(path)):
+                modules.setdefault(_module_file(reference, path, key), set()).add(name)
     return modules
 
 
-def assemble(args: PushArguments, output_dir: Path) -> dict[str, Any]:
-    """Write the repository folder; returns what went in (files, left-out files, card kind, notes)."""
-    from .card import CardOptions, chexficient_card, llava_card, load_report_results, load_training_run
+def remote_code_sources(model_dir: Path, kind: str) -> dict[str, Path]:
+    """{module file: where to copy it from}: the model folder, else the project for the four CheXficient files."""
+    named = auto_map_modules(model_dir)
+    required = set(named) | (set(REMOTE_CODE_FILES) if kind == "chexficient" else set())
+    folder = model_dir.resolve()
+    sources = {}
+    for module in sorted(required):
+        candidate = model_dir / module
+        if candidate.is_file():
+            if candidate.resolve().parent != folder:
+                raise PublishError(f"{candidate}: links outside the model folder; not publishing it as remote code.")
+            sources[module] = candidate
+        elif module in REMOTE_CODE_FILES and (PROJECT_ROOT / module).is_file():
+            sources[module] = PROJECT_ROOT / module
+        else:
+            named_by = ", ".join(sorted(named.get(module, {"auto_map"})))
+            raise PublishError(
+                f"{model_dir}: {named_by} refers to {module}, which is neither in the folder nor known."
+            )
+    return sources
 
-    model_dir = Path(args.model)
+
+# ----- local paths: what an upload must not reveal -------------------------------------------------------------------
+
+
+def local_prefixes(*folders: Path) -> tuple[str, ...]:
+    """Absolute paths of this machine that no staged file may contain: the given folders, the working and home
+    directories and the project, as given and resolved, longest first (the root alone is not one)."""
+    found = set()
+    for folder in (*folders, Path.cwd(), Path.home(), PROJECT_ROOT):
+        for path in (Path(os.path.abspath(folder)), Path(folder).resolve()):
+            if len(path.parts) >= 2:
+                found.add(str(path))
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def localized(path_text: str, run_dir: Path) -> str:
+    """An absolute path as an upload states it: relative to the run folder when inside it, else its file name."""
+    if WINDOWS_PATH.match(path_text):
+        return PureWindowsPath(path_text).name or path_text
+    path = PurePosixPath(os.path.normpath(path_text))
+    for base in (PurePosixPath(os.path.abspath(run_dir)), PurePosixPath(run_dir.resolve())):
+        if path == base or base in path.parents:
+            return path.relative_to(base).as_posix()
+    return path.name or path_text
+
+
+def _scrub(value: Any, rewrite: Callable[[str], str], keep: Collection[str] = ()) -> Any:
+    """Parsed JSON with `rewrite` applied to every string (keys too), except the values of top-level `keep` keys."""
+    if isinstance(value, dict):
+        return {_scrub(k, rewrite): v if k in keep else _scrub(v, rewrite) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item, rewrite) for item in value]
+    return rewrite(value) if isinstance(value, str) else value
+
+
+class LocalPaths:
+    """Stages JSON with the absolute paths of this machine rewritten (`localized`), and counts what it rewrote."""
+
+    def __init__(self, output_dir: Path, run_dir: Path, prefixes: tuple[str, ...]):
+        self.output_dir, self.run_dir, self.prefixes = output_dir, run_dir, prefixes
+        self.count = 0
+
+    def _local(self, path_text: str) -> str:
+        new = localized(path_text, self.run_dir)
+        self.count += new != path_text
+        return new
+
+    def _is_local(self, text: str) -> bool:
+        if "\n" in text or not (text.startswith("/") or WINDOWS_PATH.match(text)):
+            return False
+        try:
+            return text.startswith(self.prefixes) or Path(text).exists()
+        except OSError:  # a name too long for this file system is no path here
+            return False
+
+    def every_path(self, value: Any, keep: Collection[str] = ()) -> Any:
+        """Every absolute path in every string, also inside longer text (run records, eval JSON, the subset)."""
+        return _scrub(value, lambda text: ABSOLUTE_PATH.sub(lambda m: self._local(m.group(0)), text), keep)
+
+    def local_values(self, value: Any) -> Any:
+        """Only strings that are, whole, an absolute path of this machine (configs: chat templates and tokens stay)."""
+        return _scrub(value, lambda text: self._local(text) if self._is_local(text) else text)
+
+    def stage_json(
+        self,
+        source: Path | dict[str, Any],
+        name: str,
+        notes: list[str],
+        configs: bool = False,
+        keep: Collection[str] = (),
+    ) -> None:
+        """Write `name` in the staging folder from a JSON file or record; an untouched file is copied byte for byte."""
+        record = _read_json(source) if isinstance(source, Path) else source
+        before = self.count
+        cleaned = self.local_values(record) if configs else self.every_path(record, keep)
+        target = self.output_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, Path) and self.count == before:
+            shutil.copy2(source, target)
+            return
+        target.write_text(json.dumps(cleaned, indent=2) + "\n")
+        if self.count > before:
+            notes.append(
+                f"{name}: {self.count - before} local path(s) made relative to the run folder or cut to the file name"
+            )
+
+
+def check_no_local_paths(folder: Path, prefixes: tuple[str, ...]) -> None:
+    """PublishError when a staged text file (token tables aside) still holds an absolute path of this machine."""
+    patterns = {prefix: re.compile(re.escape(prefix) + r"(?![\w.-])") for prefix in prefixes}
+    for name in _staged_files(folder):
+        if name.endswith(TEXT_SUFFIXES) and Path(name).name not in TOKEN_TABLES:
+            text = (folder / name).read_text(encoding="utf-8", errors="replace")
+            for prefix, pattern in patterns.items():
+                if pattern.search(text):
+                    raise PublishError(
+                        f"{folder / name}: holds the local path {prefix}; remove it from the source of that file "
+                        "before publishing (nothing was uploaded)."
+                    )
+
+
+# ----- assembling ----------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(args: PushArguments, model_dir: Path) -> str:
+    """The model kind, after the checks that need nothing written: weights present, eval folders exist."""
     kind = model_type(model_dir)
-    weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
+    if not any(model_dir.glob("*.safetensors")):
         legacy = [p.name for p in model_dir.glob("*.bin")]
         hint = f" (found {', '.join(legacy)}; re-save with save_pretrained to get safetensors)" if legacy else ""
         raise PublishError(f"{model_dir}: no *.safetensors weights{hint}.")
     for folder in args.eval_dir:
         if not Path(folder).is_dir():
             raise PublishError(f"--eval-dir {folder}: no such folder.")
-    _prepare_output(output_dir, model_dir)
-    notes: list[str] = []
+    return kind
+
+
+def _stage_model_files(model_dir: Path, paths: LocalPaths, notes: list[str]) -> None:
+    """Weights, configs, tokenizer and processor files, and the curated subset (its ids kept as recorded)."""
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and (path.name in MODEL_FILES or path.suffix == ".safetensors"):
-            shutil.copy2(path, output_dir / path.name)
-
-    if kind == "chexficient":
-        config = _read_json(output_dir / "config.json")
-        if not all(key in (config.get("auto_map") or {}) for key in CHEXFICIENT_AUTO_MAP):
-            config["auto_map"] = {**CHEXFICIENT_AUTO_MAP, **(config.get("auto_map") or {})}
-            (output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            notes.append("config.json: auto_map added (AutoConfig, AutoModel)")
-    # remote code: the modules the configs' auto_map names (and all four CheXficient files for a CheXficient model)
-    named = _auto_map_modules(output_dir)
-    required = set(named) | (set(REMOTE_CODE_FILES) if kind == "chexficient" else set())
-    for module in sorted(required):
-        if (model_dir / module).is_file():
-            shutil.copy2(model_dir / module, output_dir / module)
-        elif module in REMOTE_CODE_FILES and (PROJECT_ROOT / module).is_file():
-            shutil.copy2(PROJECT_ROOT / module, output_dir / module)
-            notes.append(f"{module}: added from the project (the folder lacked it)")
+        if not path.is_file() or not (path.name in MODEL_FILES or path.suffix == ".safetensors"):
+            continue
+        if path.name == "curated_subset.json":
+            paths.stage_json(path, path.name, notes, keep=CURATED_IDS)
+        elif path.suffix == ".json" and path.name not in TOKEN_TABLES:
+            paths.stage_json(path, path.name, notes, configs=True)
         else:
-            named_by = ", ".join(sorted(named.get(module, {"auto_map"})))
-            raise PublishError(
-                f"{model_dir}: {named_by} refers to {module}, which is neither in the folder nor known."
-            )
-    staged = {p.name for p in output_dir.iterdir()}
-    left_out = sorted(p.name + ("/" if p.is_dir() else "") for p in model_dir.iterdir() if p.name not in staged)
+            shutil.copy2(path, paths.output_dir / path.name)
 
-    run = load_training_run(model_dir) if kind == "chexficient" else {}
-    if run:
-        (output_dir / "training").mkdir()
-        for name, record in run.items():
-            (output_dir / "training" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
+def _add_chexficient_auto_map(output_dir: Path, notes: list[str]) -> None:
+    config = _read_json(output_dir / "config.json")
+    if not all(key in (config.get("auto_map") or {}) for key in CHEXFICIENT_AUTO_MAP):
+        config["auto_map"] = {**CHEXFICIENT_AUTO_MAP, **(config.get("auto_map") or {})}
+        (output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        notes.append("config.json: auto_map added (AutoConfig, AutoModel)")
+
+
+def _displayed_curation(
+    model_dir: Path, args: PushArguments, run: dict[str, Any], paths: LocalPaths
+) -> dict[str, Any] | None:
+    """Curation statistics read from the model folder (its manifest is local), with the candidate list's path as
+    the card may state it."""
+    from .card import load_curation
+
+    curation = load_curation(model_dir, args.num_candidates, run)
+    return curation and {**curation, "source": paths.every_path(curation["source"])}
+
+
+def _card(args: PushArguments, kind: str, run: dict[str, Any], paths: LocalPaths) -> tuple[ModelCard, list[dict]]:
+    """The model card (and the per-class AUROC plot under eval/) and the evaluation results it reports."""
+    from .card import CardOptions, chexficient_card, llava_card, load_report_results
+
+    model_dir, output_dir = Path(args.model), paths.output_dir
     options = CardOptions(
         repo_id=args.repo_id,
         license=args.license,
@@ -213,26 +384,55 @@ def assemble(args: PushArguments, output_dir: Path) -> dict[str, Any]:
         datasets=args.datasets,
         num_candidates=args.num_candidates,
         space_id=args.space_id,
+        visibility=args.visibility,
     )
-    if kind == "chexficient":
-        from ..results import load_results, plot_per_class_auroc
-
-        results = [record for folder in args.eval_dir for record in load_results(folder)]
-        plot = plot_per_class_auroc(results, output_dir / "eval" / "per_class_auroc.png") if results else None
-        card = chexficient_card(output_dir, options, results, "eval/per_class_auroc.png" if plot else None, run=run)
-    else:
+    if kind == "llava":
         results = [record for folder in args.eval_dir for record in load_report_results(folder)]
-        card = llava_card(output_dir, options, results)
+        return llava_card(output_dir, options, results), results
+    from ..results import load_results, plot_per_class_auroc
+
+    results = [record for folder in args.eval_dir for record in load_results(folder)]
+    plot = plot_per_class_auroc(results, output_dir / "eval" / "per_class_auroc.png") if results else None
+    shown_run = {name: paths.every_path(record) for name, record in run.items()}
+    curation = _displayed_curation(model_dir, args, run, paths)
+    plot_path = "eval/per_class_auroc.png" if plot else None
+    return chexficient_card(output_dir, options, results, plot_path, shown_run, curation), results
+
+
+def assemble(args: PushArguments, output_dir: Path) -> dict[str, Any]:
+    """Write the repository folder; returns what went in (files, left-out files, card kind, notes)."""
+    from .card import load_training_run
+
+    model_dir = Path(args.model)
+    kind = _check_inputs(args, model_dir)
+    code = remote_code_sources(model_dir, kind)  # every auto_map reference checked before anything is written
+    _prepare_output(output_dir, model_dir)
+    run_dir = model_dir.resolve().parent  # train/pretrain.py writes final/ inside its run folder
+    paths = LocalPaths(output_dir, run_dir, local_prefixes(model_dir, run_dir, *map(Path, args.eval_dir)))
+    notes: list[str] = []
+    _stage_model_files(model_dir, paths, notes)
+    if kind == "chexficient":
+        _add_chexficient_auto_map(output_dir, notes)
+    for module, source in code.items():
+        shutil.copy2(source, output_dir / module)
+        if source.parent != model_dir:
+            notes.append(f"{module}: added from the project (the folder lacked it)")
+    staged = {p.name for p in output_dir.iterdir()}
+    left_out = sorted(p.name + ("/" if p.is_dir() else "") for p in model_dir.iterdir() if p.name not in staged)
+
+    run = load_training_run(model_dir) if kind == "chexficient" else {}
+    for name, record in run.items():
+        paths.stage_json(record, f"training/{name}.json", notes)
+    card, results = _card(args, kind, run, paths)
     if args.eval_dir and not results:
         raise PublishError(f"--eval-dir {' '.join(args.eval_dir)}: no evaluation JSON for a {kind} model found there.")
     for record in results:
         source = Path(record["_path"])
-        target = output_dir / "eval" / source.name
-        if target.exists():
+        if (output_dir / "eval" / source.name).exists():
             raise PublishError(f"{source}: two evaluation files are named {source.name}; rename one.")
-        target.parent.mkdir(exist_ok=True)
-        shutil.copy2(source, target)
+        paths.stage_json(source, f"eval/{source.name}", notes)
     card.save(output_dir / "README.md")
+    check_no_local_paths(output_dir, paths.prefixes)
     return {
         "kind": kind,
         "files": _staged_files(output_dir),
@@ -257,6 +457,7 @@ def assemble_space(args: PushArguments, output_dir: Path) -> Path:
     card = SpaceCard.load(space_dir / "README.md")
     card.data.models = [args.repo_id]
     card.save(space_dir / "README.md")
+    check_no_local_paths(space_dir, local_prefixes(Path(args.model)))
     return space_dir
 
 
@@ -294,8 +495,9 @@ def upload(args: PushArguments, folder: Path, summary: dict[str, Any], space_dir
     description = "Assembled by scripts/push_to_hub.py from `{}`; {} evaluation result(s).".format(
         Path(args.model).name, summary["num_results"]
     )
+    private = args.visibility == "private"
     try:
-        api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
+        api.create_repo(args.repo_id, repo_type="model", private=private, exist_ok=True)
         if args.revision and args.revision != "main":
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
         urls = [
@@ -310,7 +512,7 @@ def upload(args: PushArguments, folder: Path, summary: dict[str, Any], space_dir
             ).commit_url
         ]
         if space_dir is not None:
-            api.create_repo(args.space_id, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True)
+            api.create_repo(args.space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
             urls.append(
                 api.upload_folder(
                     repo_id=args.space_id,
@@ -328,8 +530,25 @@ def upload(args: PushArguments, folder: Path, summary: dict[str, Any], space_dir
     return urls
 
 
+def parse_arguments(argv: list[str] | None = None) -> PushArguments:
+    """The command line as PushArguments; PublishError for arguments it does not know (`--private` is now
+    `--visibility`)."""
+    parser = HfArgumentParser(PushArguments)
+    args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        hint = (
+            "; the repository is private by default, --visibility public publishes it"
+            if "--private" in unknown
+            else ""
+        )
+        raise PublishError(f"unknown argument(s) {' '.join(unknown)}{hint}.")
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args = parse_arguments(argv)
     output_dir = Path(args.output_dir or PROJECT_ROOT / "outputs" / "hub" / args.repo_id.split("/")[-1])
     summary = assemble(args, output_dir)
     space_dir = assemble_space(args, output_dir) if args.space_id else None
@@ -340,12 +559,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if summary["left_out"]:
         print(f"  left out of {args.model}: {', '.join(summary['left_out'])}")
     target = f"https://huggingface.co/{args.repo_id}" + (f" (branch {args.revision})" if args.revision else "")
-    visibility = "private" if args.private else "public"
+    space = f"https://huggingface.co/spaces/{args.space_id}"
     if args.dry_run:
-        print(f"Dry run: would upload these files to {target} as a {visibility} model repository.")
+        print(f"Dry run: would upload these files to {target} as a {args.visibility} model repository.")
         if space_dir is not None:
-            print(f"Dry run: would upload {space_dir} to https://huggingface.co/spaces/{args.space_id}.")
+            print(f"Dry run: would upload {space_dir} to {space} as a {args.visibility} Space.")
         return {**summary, "output_dir": str(output_dir), "commit_urls": []}
+    print(f"Uploading to {target} as a {args.visibility} model repository (an existing repository keeps its setting).")
+    if space_dir is not None:
+        print(f"Uploading {space_dir} to {space} as a {args.visibility} Space.")
     urls = upload(args, output_dir, summary, space_dir)
     for url in urls:
         print(f"Committed: {url}")
