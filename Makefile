@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 EXTRAS := train,eval,deepspeed,dev,inference,llava,space
 
-.PHONY: setup venv browser demo eval-demo llava-demo space test quality style
+.PHONY: setup venv browser demo eval-demo llava-demo space test quality style gpu-suite
 
 setup: venv browser  ## the environment `make demo` and `make test` need: torch (CPU wheel), the project, Chromium
 	$(PY) -m pip install -q --upgrade pip
@@ -70,6 +70,9 @@ space:  ## the Gradio Space on the demo model at http://127.0.0.1:7860 (after `m
 
 test:  ## the test suite (offline, CPU)
 	$(PY) -m pytest -q tests
+
+gpu-suite:  ## one H100/H200, < 8 min: embedding, pretraining, LLaVA-Rad 7B speed -> benchmarks/results/gpu_suite_<gpu>.json
+	$(PY) benchmarks/gpu_suite.py
 
 quality:
 	$(PY) -m ruff check .

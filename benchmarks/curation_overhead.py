@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chexficient.curation import CurationConfig, PrototypeCurator  # noqa: E402
-from train.arguments import MODEL_PRESETS  # noqa: E402
+from chexficient.machine import machine_info  # noqa: E402
+from chexficient.presets import load_json_preset  # noqa: E402
+from train.arguments import MODEL_CONFIG_DIR  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402
 from modeling_chexficient import CheXficientModel  # noqa: E402
@@ -71,7 +72,7 @@ def curation_timings(size: int, dim: int, device: torch.device, repeats: int) ->
 
 
 def train_step_time(model_config: str, batch: int, device: torch.device, repeats: int, dtype) -> dict[str, float]:
-    config = CheXficientConfig(**MODEL_PRESETS[model_config])
+    config = CheXficientConfig(**load_json_preset(model_config, MODEL_CONFIG_DIR))
     model = CheXficientModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     size = config.vision_config.image_size
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[480, 4096, 65536])
     parser.add_argument("--dim", type=int, default=512, help="projection dim (the concatenation is twice this)")
-    parser.add_argument("--model-config", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--model-config", default="tiny", help="a preset in train/configs/models or a JSON path")
     parser.add_argument("--step-batch", type=int, default=32, help="batch of the reference training step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     step = train_step_time(args.model_config, args.step_batch, device, args.repeats, dtype)
     results = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "machine": machine_info(),
         "train_step": {"model_config": args.model_config, "batch": args.step_batch, **step},
         "curation": {},
     }

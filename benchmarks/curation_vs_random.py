@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import BertTokenizerFast  # noqa: E402
 
 from chexficient.curation.functions import concat_normalized  # noqa: E402
+from chexficient.machine import machine_info  # noqa: E402
 from chexficient.pairs import ImageReportCollator, ImageReportDataset, load_pairs  # noqa: E402
 
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             "curated_percentile_among_random": float(np.mean(np.array(random_knn) < curated_knn) * 100),
         },
         "command": "python benchmarks/curation_vs_random.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out_dir / "curation_vs_random.png")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from chexficient.machine import machine_info  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
@@ -363,13 +364,7 @@ def main() -> None:
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
         "model": "released architecture (ViT-B/14 @ 378 px + BERT-base, 512-d), random weights",
         "images": f"{args.num_images} synthetic 1024x1024 16-bit phantoms, half PNG, half DICOM",
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if cuda else None,
-        },
+        "machine": machine_info(),
         "settings": {
             k: getattr(args, k)
             for k in ("num_images", "batch_size", "num_workers", "latency_runs", "rounds", "exporter")

@@ -21,6 +21,7 @@ from transformers import BertTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chexficient.machine import machine_info  # noqa: E402
 from chexficient.manifests import read_manifest  # noqa: E402
 from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
 from chexficient.phantoms import PHANTOM_FINDINGS  # noqa: E402
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'macro':<18} {results['paper_protocol']['macro_auroc']:>14.3f} {results['report_style']['macro_auroc']:>13.3f}"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results["machine"] = machine_info()
     Path(args.out).write_text(json.dumps(results, indent=2))
     return results
 

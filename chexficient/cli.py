@@ -8,14 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .inference.engine import ENGINE_DTYPES
+from .inference.engine import ENGINE_DTYPES, ENGINE_PREPROCESS
 
 
 DESCRIPTION = """Fast CheXficient inference from a local model folder (nothing is downloaded).
 
   chexficient embed    INPUT --model DIR --out emb.parquet       embeddings (resumable; parquet or safetensors)
   chexficient classify INPUT --model DIR --labels "A,B" --out p.csv   zero-shot probabilities (csv or json)
+  chexficient curate   PAIRS --model DIR --out DIR              curate an archive of image-report pairs
   chexficient serve    --model DIR [--port 8000]                  HTTP API with micro-batching
   chexficient export-onnx --model DIR --out model.onnx [--int8]   ONNX image embedder, checked against PyTorch
 
@@ -50,7 +52,47 @@ def _runtime_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> N
         help="auto: bfloat16 on CUDA, float32 on CPU; int8: dynamic quantisation of the linear layers (CPU only)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the image tower (slow first batch)")
+    parser.add_argument(
+        "--preprocess",
+        default="cpu",
+        choices=ENGINE_PREPROCESS,
+        help="cpu: resize/crop/normalise in the DataLoader workers; gpu: the workers only decode (uint8/16-bit) "
+        "and the device preprocesses same-size groups in batches (default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+TRAINING_ONLY = {
+    "curation",
+    "curation_mode",
+    "curation_epochs",
+    "candidate_pool_size",
+    "embedding_chunk_size",
+    "expected_keep_ratio",
+    "random_subset_ratio",
+    "random_subset_size",
+}
+
+
+def _curation_options() -> argparse.ArgumentParser:
+    """The curation settings as options: the fields of `CurationConfig`, the dataclass the curator reads."""
+    from transformers import HfArgumentParser
+
+    from .curation import CurationConfig
+
+    parser = HfArgumentParser(CurationConfig, add_help=False)
+    for action in parser._actions:  # settings of a training run, not of the curator: accepted, not shown
+        if action.dest in TRAINING_ONLY:
+            action.help = argparse.SUPPRESS
+    return parser
+
+
+def _curation_config(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from .curation import CurationConfig
+
+    return CurationConfig(**{f.name: getattr(args, f.name) for f in fields(CurationConfig)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--labels", required=True, help='comma-separated findings, e.g. "Pneumothorax,Cardiomegaly"')
     classify.add_argument("--out", required=True, help="output .csv (id, path, one column per label) or .json")
     _runtime_options(classify)
+
+    curate = commands.add_parser(
+        "curate",
+        help="curate an archive of image-report pairs with a trained model (the trainer's curator, no training)",
+        parents=[_curation_options()],
+        conflict_handler="resolve",
+    )
+    curate.add_argument("manifest", metavar="PAIRS", help="CSV/JSONL/parquet manifest of image-report pairs")
+    curate.add_argument("--model", required=True, help="a trained CheXficient folder (weights, processor, tokenizer)")
+    curate.add_argument("--out", required=True, help="output folder: subset manifest, curated_subset.json, report")
+    curate.add_argument("--image-root", default=None, help="folder the manifest's image paths start from")
+    curate.add_argument(
+        "--super-batch-size", type=_positive, default=480, help="pairs per curation decision (default %(default)s)"
+    )
+    curate.add_argument("--seed", type=int, default=0, help="order of the super-batches and FPS starts")
+    curate.add_argument("--label-columns", nargs="*", default=None, help="label columns (default: 0/1 columns)")
+    curate.add_argument("--batch-size", type=_positive, default=64, help="pairs per embedding forward")
+    curate.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+    curate.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    curate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     serve = commands.add_parser("serve", help="HTTP API: GET /health, POST /embed, POST /classify")
     serve.add_argument("--model", required=True, help="local model folder")
@@ -123,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("embed", "classify"):
             from .inference.engine import InferenceEngine
 
-            engine = InferenceEngine.from_pretrained(args.model, args.device, args.dtype, args.compile)
+            engine = InferenceEngine.from_pretrained(
+                args.model, args.device, args.dtype, args.compile, preprocess=args.preprocess
+            )
             if args.command == "embed":
                 from .inference.embed import run_embed
 
@@ -149,6 +213,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress=not args.no_progress,
                 )
             print(summary.line())
+            return 0
+        if args.command == "curate":
+            from .curation.archive import curate_archive
+
+            report = curate_archive(
+                args.manifest,
+                args.model,
+                args.out,
+                _curation_config(args),
+                super_batch_size=args.super_batch_size,
+                seed=args.seed,
+                image_root=args.image_root,
+                label_columns=args.label_columns,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+            print(
+                f"kept {report['kept']} of {report['considered']} pairs ({report['share_kept']:.1%}) -> "
+                f"{Path(args.out) / report['subset_manifest']}; report in {Path(args.out) / 'report.md'}"
+            )
             return 0
         if args.command == "serve":
             from .inference.server import serve

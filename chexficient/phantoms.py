@@ -167,14 +167,18 @@ def render_phantom(
     image_size: int = 256,
     bit_depth: int = 8,
     anatomy: Mapping[str, float] | None = None,
+    noise_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Render one radiograph [H, W] (uint8, or uint16 over the full 16-bit range) with the labelled findings.
 
-    Air is dark, bone and soft tissue bright (MONOCHROME2). `anatomy` reuses a patient's geometry (near-duplicates).
+    Air is dark, bone and soft tissue bright (MONOCHROME2). `anatomy` reuses a patient's geometry (near-duplicates);
+    `rng` places the findings and, unless `noise_rng` is given, seeds the quantum noise (so that repeated studies of
+    one patient can share their findings and differ in noise).
     """
     a = dict(anatomy) if anatomy is not None else _anatomy(rng)
     side = 1 if rng.random() < 0.5 else -1  # which lung the unilateral findings affect (image left/right)
-    noise_rng = np.random.default_rng(int(rng.integers(2**31)))  # independent of how many findings draw
+    derived_noise = np.random.default_rng(int(rng.integers(2**31)))  # independent of how many findings draw
+    noise_rng = noise_rng if noise_rng is not None else derived_noise
     x, y = _patient_coordinates(a, image_size)
     texture_rng = np.random.default_rng(int(a["texture_seed"]))
 
@@ -537,7 +541,34 @@ def main(argv: list[str] | None = None) -> None:
         help="Write the lung/heart segmentation set instead (--num-train, --num-val and --num-test images).",
     )
     parser.add_argument("--num-val", type=int, default=40, help="Validation images of the segmentation set.")
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help="Write the archive-like corpus instead (chexficient.phantom_archive: patients with repeated studies, a "
+        "dominant normal class, a long tail of rare findings, varied reports); --num-val adds a val split.",
+    )
     args = parser.parse_args(argv)
+    if args.archive:
+        from .phantom_archive import write_archive_dataset
+
+        image_size = args.image_size if args.image_size != 256 else 128
+        written = write_archive_dataset(
+            args.output_dir,
+            num_train=args.num_train,
+            num_val=args.num_val if args.num_val != 40 else 0,
+            num_test=args.num_test,
+            seed=args.seed,
+            image_size=image_size,
+        )
+        meta = json.loads((Path(args.output_dir) / "archive.json").read_text())
+        for split in ("train", "val", "test"):
+            if split in meta:
+                print(
+                    f"{split}: {written[split]} ({meta[split]['studies']} studies, {meta[split]['patients']} patients)"
+                )
+                for label, share in meta[split]["shares"].items():
+                    print(f"  {label:<18} {share:6.1%}")
+        return
     if args.segmentation:
         root = write_phantom_segmentation(
             args.output_dir,

@@ -175,3 +175,23 @@ def _json_default(value: Any) -> Any:
 
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def run_task_cli(arguments_class: type, run: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None) -> dict:
+    """The command line of an evaluation task: logging, its `HfArgumentParser` dataclass, then `run(args)`."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    setup_logging()
+    (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(
+        args=list(sys.argv[1:] if argv is None else argv)
+    )
+    return run(args)
+
+
+def publish_result(result: dict[str, Any], markdown: str, out_dir: str | os.PathLike, stem: str) -> dict[str, Any]:
+    """Write a task's JSON and markdown under `out_dir`, print the markdown, and return the result."""
+    write_results(result, markdown, out_dir, stem)
+    print(markdown)
+    return result

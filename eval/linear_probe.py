@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +278,7 @@ class LinearProbeArguments:
 
 
 def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
-    from eval.common import load_model_and_processor, write_results
+    from eval.common import load_model_and_processor, publish_result
     from eval.datasets import load_classification
 
     loaded = load_model_and_processor(args.model, device=args.device)
@@ -333,22 +332,13 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
         },
         "metrics": metrics,
     }
-    markdown = markdown_table(result)
-    write_results(result, markdown, args.out_dir, f"linear_probe_{args.dataset}")
-    print(markdown)
-    return result
+    return publish_result(result, markdown_table(result), args.out_dir, f"linear_probe_{args.dataset}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from transformers import HfArgumentParser
+    from eval.common import run_task_cli
 
-    from eval.common import setup_logging
-
-    setup_logging()
-    (args,) = HfArgumentParser(LinearProbeArguments).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
-    return run_linear_probe(args)
+    return run_task_cli(LinearProbeArguments, run_linear_probe, argv)
 
 
 if __name__ == "__main__":

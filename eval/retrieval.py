@@ -9,7 +9,6 @@ text is embedded whole (the reference's single-process path split strings into c
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +97,7 @@ class RetrievalArguments:
 
 def run_retrieval(args: RetrievalArguments) -> dict[str, Any]:
     """Evaluate, write `retrieval_<dataset>.json` and `.md` under `args.out_dir`, and return the result."""
-    from eval.common import encode_images, encode_texts, load_model_and_processor, write_results
+    from eval.common import encode_images, encode_texts, load_model_and_processor, publish_result
     from eval.datasets import load_retrieval
 
     data = load_retrieval(args.dataset, args.root)
@@ -129,22 +128,13 @@ def run_retrieval(args: RetrievalArguments) -> dict[str, Any]:
         ),
         "skipped_files": encoded.skipped,
     }
-    markdown = markdown_table(result)
-    write_results(result, markdown, args.out_dir, f"retrieval_{data.name}")
-    print(markdown)
-    return result
+    return publish_result(result, markdown_table(result), args.out_dir, f"retrieval_{data.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from transformers import HfArgumentParser
+    from eval.common import run_task_cli
 
-    from eval.common import setup_logging
-
-    setup_logging()
-    (args,) = HfArgumentParser(RetrievalArguments).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
-    return run_retrieval(args)
+    return run_task_cli(RetrievalArguments, run_retrieval, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ input resolution.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -340,7 +339,7 @@ class SegmentationArguments:
 
 
 def run_segmentation(args: SegmentationArguments) -> dict[str, Any]:
-    from eval.common import load_model_and_processor, write_results
+    from eval.common import load_model_and_processor, publish_result
     from eval.datasets import load_segmentation
 
     data = load_segmentation(args.dataset, args.root)
@@ -392,10 +391,7 @@ def run_segmentation(args: SegmentationArguments) -> dict[str, Any]:
         "metrics": metrics,
         "skipped_files": [item for split in splits.values() for item in split.skipped],
     }
-    markdown = markdown_table(result)
-    write_results(result, markdown, args.out_dir, f"segmentation_{data.name}")
-    print(markdown)
-    return result
+    return publish_result(result, markdown_table(result), args.out_dir, f"segmentation_{data.name}")
 
 
 def _num_layers(loaded: Any) -> int:
@@ -404,15 +400,9 @@ def _num_layers(loaded: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from transformers import HfArgumentParser
+    from eval.common import run_task_cli
 
-    from eval.common import setup_logging
-
-    setup_logging()
-    (args,) = HfArgumentParser(SegmentationArguments).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
-    return run_segmentation(args)
+    return run_task_cli(SegmentationArguments, run_segmentation, argv)
 
 
 if __name__ == "__main__":

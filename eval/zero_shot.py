@@ -14,7 +14,6 @@ Writes `zero_shot_<dataset>.json` (per-class and macro AUROC/AUPRC with CIs, ski
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +114,7 @@ class ZeroShotArguments:
 
 def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:
     """Evaluate, write `zero_shot_<dataset>.json` and `.md` under `args.out_dir`, and return the result."""
-    from eval.common import encode_images, load_model_and_processor, write_results
+    from eval.common import encode_images, load_model_and_processor, publish_result
     from eval.datasets import load_classification
 
     from modeling_chexficient import resolve_prompt_templates
@@ -155,22 +154,13 @@ def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:
         "metrics": evaluate_zero_shot(scores, targets, data.labels, num_resamples=args.num_resamples, seed=args.seed),
         "skipped_files": encoded.skipped,
     }
-    markdown = markdown_table(result)
-    write_results(result, markdown, args.out_dir, f"zero_shot_{data.name}")
-    print(markdown)
-    return result
+    return publish_result(result, markdown_table(result), args.out_dir, f"zero_shot_{data.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from transformers import HfArgumentParser
+    from eval.common import run_task_cli
 
-    from eval.common import setup_logging
-
-    setup_logging()
-    (args,) = HfArgumentParser(ZeroShotArguments).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
-    return run_zero_shot(args)
+    return run_task_cli(ZeroShotArguments, run_zero_shot, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 
 Stage 2's LoRA is merged into the language model (`merge_and_unload`) and its trained projector replaces the
 untrained one; `--merge false` instead saves the assembled base model and the adapter in `adapter/`
-(`PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(OUT), OUT + "/adapter")`).
+(`PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(OUT), OUT + "/adapter")` gives the merged
+export's logits; tests/test_llava_rad_zero3.py checks it). The base holds the LM without LoRA and the trained projector
+(PEFT's `unload` keeps the adapter's copy), so it also runs on its own, without the LoRA.
 
 The processor keeps the CheXficient preprocessing. `--image_processor stock` (the default) saves it as transformers'
 `LlavaImageProcessorPil` with the same settings (shortest edge, bicubic, centre crop, OpenAI-CLIP mean/std), so that

@@ -214,12 +214,64 @@ def projector(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no {PROJECTOR_NAME}.")
 
 
-def save_projector(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save the projector as safetensors with keys linear_1.weight, ... (PEFT's copy when wrapped)."""
-    module = projector(model)
-    state = {k.split("modules_to_save.default.")[-1]: v for k, v in module.state_dict().items()}
-    state = {k: v for k, v in state.items() if "original_module" not in k}
+def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's entries of a LLaVA model's state dict (PEFT-wrapped or not, any key prefix), keyed
+    linear_1.weight, ...: PEFT's trained copy (`modules_to_save.default`), never its frozen `original_module`."""
+    marker = f"{PROJECTOR_NAME}."
+    state = {}
+    for key, value in state_dict.items():
+        if marker not in key or "original_module" in key:
+            continue
+        name = key.split(marker, 1)[1]
+        state[name.split("modules_to_save.default.")[-1]] = value
+    return state
+
+
+def save_projector(
+    model: nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save the projector as safetensors with keys linear_1.weight, ... (PEFT's copy when wrapped).
+
+    `state_dict` (the model's, or only its trained tensors, e.g. gathered from ZeRO-3 partitions by
+    `gather_trainable_state`) is saved instead of the module's own tensors, which ZeRO-3 leaves empty.
+    """
+    if state_dict is None:
+        state = {k.split("modules_to_save.default.")[-1]: v for k, v in projector(model).state_dict().items()}
+        state = {k: v for k, v in state.items() if "original_module" not in k}
+    else:
+        state = projector_state(state_dict)
+    expected = {k: tuple(v.shape) for k, v in projector_state(dict(model.named_parameters())).items()}
+    if state_dict is not None and set(state) != set(expected):
+        raise ValueError(f"projector tensors {sorted(state)} do not match the model's {sorted(expected)}.")
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"projector tensors {empty} are empty: partitioned by DeepSpeed ZeRO-3? Gather them first "
+            "(`gather_trainable_state`)."
+        )
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 has partitioned across processes (its data is a shard)."""
+    return hasattr(parameter, "ds_id")
+
+
+def gather_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full tensors of `model`'s trainable parameters (the projector, LoRA), keyed by parameter name, on the CPU.
+
+    Under DeepSpeed ZeRO-3 each process holds a shard of every parameter: they are gathered here
+    (`deepspeed.zero.GatheredParameters`, a collective: call it on every process). Only the trained tensors are
+    gathered, never the frozen 7B, so no process needs the whole model in memory.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    partitioned = [p for _, p in named if is_partitioned(p)]
+    if not partitioned:
+        return {name: p.detach().cpu().clone() for name, p in named}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return {name: p.detach().cpu().clone() for name, p in named}
 
 
 def load_projector(model: LlavaForConditionalGeneration, path: str | os.PathLike) -> None:
@@ -289,11 +341,14 @@ __all__ = [
     "build_llava_rad",
     "build_processor",
     "freeze_for_alignment",
+    "gather_trainable_state",
+    "is_partitioned",
     "load_chexficient_tower",
     "load_projector",
     "num_image_tokens",
     "prepare_tokenizer",
     "projector",
+    "projector_state",
     "save_projector",
     "vision_features",
 ]

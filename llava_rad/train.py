@@ -1,4 +1,4 @@
-"""LLaVA-Rad's two training stages on the frozen CheXficient encoder, with Accelerate (DeepSpeed ZeRO-2) and PEFT.
+"""LLaVA-Rad's two training stages on the frozen CheXficient encoder, with Accelerate (DeepSpeed ZeRO-2/3) and PEFT.
 
     # stage 1, alignment: the projector only, plain template, lr 1e-3, 1 epoch
     accelerate launch --config_file llava_rad/configs/accelerate_zero2.yaml llava_rad/train.py \
@@ -9,12 +9,14 @@
 
 Stage 1 writes `projector.safetensors`; stage 2 writes the PEFT adapter (LoRA + the projector as a module to save)
 under `adapter/`. Both write `llava_rad.json` (where the tower and LM came from) and the processor; export with
-`python -m llava_rad.export`. `--features_dir` encodes the images once with the frozen tower and trains from the
-stored features.
+`python -m llava_rad.export`. Under DeepSpeed ZeRO-3 (`--config_file llava_rad/configs/accelerate_zero3.yaml`) the
+trained tensors are gathered from their partitions before saving, so the outputs are the same full tensors.
+`--features_dir` encodes the images once with the frozen tower and trains from the stored features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +51,8 @@ from llava_rad.model import (
     apply_lora,
     build_llava_rad,
     freeze_for_alignment,
+    gather_trainable_state,
+    is_partitioned,
     load_projector,
     projector,
     save_projector,
@@ -201,6 +205,27 @@ def setup_stage(model: nn.Module, model_args: ModelArguments, lora_args: LoraArg
     return apply_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout)
 
 
+@contextlib.contextmanager
+def whole_model_init(accelerator):
+    """Build the model whole on every process, also under ZeRO-3, where Accelerate registers its DeepSpeed config with
+    transformers and `from_pretrained` would create the model already partitioned (`zero.Init`), which the
+    meta-device assembly of `assemble_llava` cannot take. DeepSpeed partitions the model when it is prepared.
+
+    (Accelerate's `zero3_init_context_manager(enable=False)` re-registers the config, so it is switched off here
+    directly and registered again afterwards.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # transformers sees the ZeRO-3 config again
+
+
 def prepare_features(model, examples, processor, data_args, accelerator) -> FeatureStore:
     """Open the feature store, computing it first (each process its slice) when it has no index yet."""
     folder = Path(data_args.features_dir)
@@ -229,14 +254,23 @@ def prepare_features(model, examples, processor, data_args, accelerator) -> Feat
 
 
 def save_stage_output(accelerator, module, processor, sources, stage, output_dir: Path, record: dict) -> None:
-    """Stage 1: projector.safetensors. Stage 2: the PEFT adapter (LoRA + projector) in adapter/, and the projector."""
+    """Stage 1: projector.safetensors. Stage 2: the PEFT adapter (LoRA + projector) in adapter/, and the projector.
+
+    Every process gathers the trained tensors first (a collective under DeepSpeed ZeRO-3, where each process holds
+    only a shard of each; a plain copy otherwise), so the files always hold the full tensors; the main process
+    writes them.
+    """
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(module).model
+    partitioned = sum(is_partitioned(p) for p in model.parameters() if p.requires_grad)
+    trained = gather_trainable_state(model)  # on every process: ZeRO-3 all-gathers the partitions
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(module).model
-    save_projector(model, output_dir / PROJECTOR_FILENAME)
+    if partitioned:
+        library_logger.info(f"gathered {partitioned} trained tensors from their ZeRO-3 partitions before saving")
+    save_projector(model, output_dir / PROJECTOR_FILENAME, state_dict=trained)
     if stage == "finetune":
-        model.save_pretrained(output_dir / "adapter")
+        model.save_pretrained(output_dir / "adapter", state_dict=trained)
     processor.save_pretrained(output_dir / "processor")
     sources.save(output_dir, stage=stage, **record)
 
@@ -261,9 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer=model_args.tokenizer,
         image_size=model_args.image_size,
     )
-    model, processor = build_llava_rad(
-        sources, dtype=torch_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
-    )
+    with whole_model_init(accelerator):
+        model, processor = build_llava_rad(
+            sources, dtype=torch_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
+        )
     image_seq_length = model.config.image_seq_length
     load_kwargs = {"frontal_only": data_args.frontal_only} if data_args.train_data.endswith(".json") else {}
     examples = load_examples(data_args.train_data, data_args.image_root, **load_kwargs)
@@ -280,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_length=data_args.max_length,
         **image_source,
     )
-    model = setup_stage(model, model_args, lora_args, train_args.stage)
+    with whole_model_init(accelerator):
+        model = setup_stage(model, model_args, lora_args, train_args.stage)
     module = LlavaRadForTraining(model)
     trainable = trainable_parameter_names(module)
     num_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from transformers import LlavaForConditionalGeneration
 
 from llava_rad import train as train_script
@@ -477,7 +477,7 @@ def test_lexical_metrics_match_sacrebleu_and_rouge_score_with_a_bootstrap():
 
 
 def test_chexbert_bertscore_and_radgraph_need_local_files(tmp_path):
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
     from transformers import BertConfig, BertModel
 
     from llava_rad.metric_modules.chexbert_f1.chexbert_f1 import CheXbertLabeler, chexbert_f1_from_labels

@@ -78,5 +78,6 @@ def build_optimizer_and_schedule(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, CurationAwareCosine]:
     """AdamW (eps 1e-8, as the reference) with the curation-aware cosine schedule."""
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, eps=1e-8)
-    schedule = CurationAwareCosine(estimated_total_steps, warmup_steps, min_learning_rate / learning_rate)
+    min_ratio = min_learning_rate / learning_rate if learning_rate > 0 else 0.0  # lr 0: a frozen run
+    schedule = CurationAwareCosine(estimated_total_steps, warmup_steps, min_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule

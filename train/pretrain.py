@@ -39,9 +39,11 @@ from chexficient.curation import (
     CurationConfig,
     PrototypeCurator,
     concat_normalized,
+    curate_super_batch,
     curated_clip_loss,
     gather_no_grad,
     gather_with_grad,
+    warmup_indices,
 )
 from chexficient.manifests import read_manifest
 from chexficient.metrics import load_metric
@@ -400,11 +402,9 @@ def embed(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tor
 def initialize_prototypes(ctx: RunContext) -> None:
     """k-means on a shuffled warm-up sample drawn from the whole training set (not one source, as the reference)."""
     accelerator, model = ctx.accelerator, ctx.model
-    count = min(ctx.curation.warmup_samples, len(ctx.pairs))
-    count -= count % accelerator.num_processes
-    chosen = torch.randperm(len(ctx.pairs), generator=torch.Generator().manual_seed(ctx.train_args.seed + 7919))[
-        :count
-    ]
+    chosen = warmup_indices(
+        len(ctx.pairs), ctx.curation.warmup_samples, ctx.train_args.seed, accelerator.num_processes
+    )
     shard = chosen[accelerator.process_index :: accelerator.num_processes].tolist()
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ctx.dataset, shard),
@@ -429,13 +429,6 @@ def initialize_prototypes(ctx: RunContext) -> None:
     logger.info(f"prototypes initialised by k-means on {int(valid.sum())} warm-up pairs")
 
 
-def curation_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The same random stream on every process for a given step (FPS start points)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + step)
-    return generator
-
-
 def superbatch_step(ctx: RunContext, batch: dict[str, Any], curating: bool) -> StepResult:
     """Reference mode: forward the whole super-batch with gradients, select on the gathered embeddings."""
     image_embeds, text_embeds, logit_scale = embed(ctx.model, batch)
@@ -444,12 +437,8 @@ def superbatch_step(ctx: RunContext, batch: dict[str, Any], curating: bool) -> S
     indices = gather_no_grad(batch["sample_index"])
     keep = valid
     if curating:
-        with torch.no_grad():
-            generator = curation_generator(ctx.train_args.seed, ctx.state.global_step, ctx.accelerator.device)
-            selection = ctx.curator.select(
-                all_images.detach().float(), all_texts.detach().float(), indices, valid=valid, generator=generator
-            )
-        keep = selection.keep & valid
+        seed, step = ctx.train_args.seed, ctx.state.global_step
+        keep, _ = curate_super_batch(ctx.curator, all_images, all_texts, indices, valid, seed, step)
     loss = curated_clip_loss(all_images, all_texts, logit_scale, keep)
     kept = concat_normalized(all_images[keep].detach(), all_texts[keep].detach()) if curating else None
     return StepResult(loss, indices, valid, keep, kept, logit_scale.detach())
@@ -469,11 +458,8 @@ def accumulate_step(ctx: RunContext, batch: dict[str, Any], curating: bool) -> S
                 image_embeds, text_embeds, _ = embed(ctx.model, chunk)
                 images.append(image_embeds.float())
                 texts.append(text_embeds.float())
-            generator = curation_generator(ctx.train_args.seed, ctx.state.global_step, ctx.accelerator.device)
-            selection = ctx.curator.select(
-                torch.cat(images), torch.cat(texts), indices, valid=valid, generator=generator
-            )
-        keep = selection.keep & valid
+        seed, step = ctx.train_args.seed, ctx.state.global_step
+        keep, _ = curate_super_batch(ctx.curator, torch.cat(images), torch.cat(texts), indices, valid, seed, step)
     selected = {k: v[keep] for k, v in model_inputs(batch).items()}
     image_embeds, text_embeds, logit_scale = embed(ctx.model, selected)
     loss = curated_clip_loss(image_embeds, text_embeds, logit_scale)
@@ -582,6 +568,27 @@ def end_curation(ctx: RunContext, epoch: int) -> None:
         f"curation done: kept {subset.numel()} of {len(ctx.pairs)} pairs ({subset.numel() / len(ctx.pairs):.1%}); "
         f"{remaining} steps remain"
     )
+    composition = subset_composition(ctx, subset)
+    if composition:
+        ctx.accelerator.print("  label shares (pool -> curated subset):")
+        for label, (pool, kept) in composition.items():
+            ctx.accelerator.print(f"    {label:<20} {pool:6.1%} -> {kept:6.1%}")
+
+
+def subset_composition(ctx: RunContext, subset: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """{label: (share in the pool, share in the subset)} for the label columns the training manifest has (of
+    `--eval_labels`); empty when it has none."""
+    labels, manifest = ctx.data_args.eval_labels or [], ctx.data_args.train_manifest
+    if not labels or not isinstance(manifest, str):
+        return {}
+    frame = read_manifest(manifest)
+    present = [label for label in labels if label in frame.columns]
+    id_column = ctx.data_args.id_column
+    if not present or id_column not in frame.columns:
+        return {}
+    rows = frame.set_index(frame[id_column].astype(str)).loc[ctx.pairs.ids]  # the pairs trained on, in order
+    chosen = rows.iloc[subset.numpy()]
+    return {label: (float((rows[label] == 1).mean()), float((chosen[label] == 1).mean())) for label in present}
 
 
 # ----- evaluation -------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 contrastive loss over gathered embeddings."""
 
 from .config import CURATION_MODES, CurationConfig
-from .curator import PrototypeCurator
+from .curator import PrototypeCurator, curate_super_batch, selection_generator, warmup_indices
 from .functions import SelectionResult, concat_normalized, kmeans_init, select_samples
 from .loss import curated_clip_loss, gather_no_grad, gather_with_grad
 from .sampler import CuratingBatchSampler
@@ -15,9 +15,12 @@ __all__ = [
     "PrototypeCurator",
     "SelectionResult",
     "concat_normalized",
+    "curate_super_batch",
     "curated_clip_loss",
     "gather_no_grad",
     "gather_with_grad",
     "kmeans_init",
     "select_samples",
+    "selection_generator",
+    "warmup_indices",
 ]

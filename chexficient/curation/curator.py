@@ -160,3 +160,37 @@ class PrototypeCurator:
         tensors = load_file(str(folder / CURATOR_TENSORS))
         meta = json.loads((folder / CURATOR_SETTINGS).read_text())
         self.load_state_dict({**meta, "prototypes": tensors.pop("prototypes", None), **tensors})
+
+
+def selection_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one selection (FPS start points): the same on every process for a given (seed, step)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + step)
+    return generator
+
+
+def warmup_indices(num_samples: int, warmup_samples: int, seed: int, world_size: int = 1) -> torch.Tensor:
+    """The pairs embedded for the k-means initialisation: a shuffled sample of the whole set (not one source, as
+    the reference takes), of `warmup_samples` pairs trimmed to a multiple of the processes."""
+    count = min(warmup_samples, num_samples)
+    count -= count % world_size
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))[:count]
+
+
+def curate_super_batch(
+    curator: PrototypeCurator,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    sample_ids: torch.Tensor,
+    valid: torch.Tensor,
+    seed: int,
+    step: int,
+) -> tuple[torch.Tensor, SelectionResult]:
+    """One curation decision, as the trainer takes it at optimizer step `step`: the keep mask [N] (valid pairs the
+    curator keeps) and the full selection. Shared by train/pretrain.py and `chexficient curate`."""
+    generator = selection_generator(seed, step, image_embeds.device)
+    with torch.no_grad():
+        selection = curator.select(
+            image_embeds.detach().float(), text_embeds.detach().float(), sample_ids, valid=valid, generator=generator
+        )
+    return selection.keep & valid, selection

@@ -1,14 +1,20 @@
 """The inference engine: a CheXficient model and processor loaded once, placed and typed for the hardware.
 
 CUDA: bfloat16 weights and SDPA attention, pinned host memory and asynchronous copies, results read back one batch late
-so that the GPU never waits on Python. CPU: float32, or int8 dynamic quantisation of every `nn.Linear`.
-`torch.compile` is optional on both.
+so that the GPU never waits on Python. CPU: float32, bfloat16 (fast where the CPU has AVX512-BF16 or AMX), or int8
+dynamic quantisation of every `nn.Linear`. `torch.compile` is optional on both.
+
+Preprocessing runs in the DataLoader workers (`preprocess="cpu"`, the default: the image processor's PIL pipeline),
+or on the engine's device (`preprocess="gpu"`): the workers only decode, to uint8/16-bit arrays, and
+`CheXficientImageProcessor.preprocess_tensor` resizes, crops and normalises whole same-size groups at once
+(`chexficient.inference.gpu_preprocess`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..images import ImageBatch
+from ..images import ImageBatch, ImageDataset, InputItem, make_image_loader
 from ..runtime import DTYPES, resolve_device
+from .gpu_preprocess import PREPROCESS_MODES, RawImageBatch, make_raw_image_loader, preprocess_raw_batch
 from image_processing_chexficient import CheXficientImageProcessor
-from modeling_chexficient import CheXficientModel
+from modeling_chexficient import CheXficientModel, zero_shot_scores
 from processing_chexficient import CheXficientProcessor
 
 
@@ -28,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # `--dtype`: the project's dtype names (chexficient.runtime.DTYPES), "auto", and "int8" (dynamic quantisation, CPU).
 ENGINE_DTYPES = ("auto", *DTYPES, "int8")
+# `--preprocess`: in the DataLoader workers (cpu) or on the engine's device after decoding (gpu).
+ENGINE_PREPROCESS = PREPROCESS_MODES
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -39,6 +49,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "int8" and device.type != "cpu":
         raise ValueError("--dtype int8 (dynamic quantisation) runs on the CPU only; use bfloat16 on a GPU.")
     return dtype
+
+
+def warn_if_slow_cpu_dtype(dtype: str, device: torch.device) -> bool:
+    """Log a warning when bfloat16/float16 runs on a CPU without native support for it (it still works, emulated,
+    usually slower than float32). Returns True when it warned."""
+    if device.type != "cpu" or dtype not in ("bfloat16", "float16"):
+        return False
+    from ..machine import cpu_flags, cpu_has_native_bf16
+
+    native = cpu_has_native_bf16() if dtype == "bfloat16" else cpu_flags()["avx512_fp16"]
+    if not native:
+        needs = "AVX512-BF16 or AMX-BF16" if dtype == "bfloat16" else "AVX512-FP16"
+        logger.warning(
+            "--dtype %s on this CPU: it has no %s, so %s matmuls are emulated and usually slower than float32; "
+            "use float32 or int8 here.",
+            dtype,
+            needs,
+            dtype,
+        )
+    return not native
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -65,11 +95,16 @@ class EngineInfo:
     compiled: bool
     image_size: int
     projection_dim: int
+    preprocess: str = "cpu"
 
 
 class InferenceEngine:
     """Batched image embedding and zero-shot classification with one loaded model.
 
+    `dtype`: "auto" (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 (also on the CPU, where it is fast with
+    AVX512-BF16 or AMX and logs a warning without them), float16, or int8 (CPU). `preprocess`: "cpu" (the DataLoader
+    workers run the image processor) or "gpu" (the workers only decode; the engine's device resizes, crops and
+    normalises, see `chexficient.inference.gpu_preprocess`; on a CPU engine this runs the same tensor pipeline there).
     `forward_calls` counts image-tower forwards (the server's micro-batching is tested with it).
     """
 
@@ -81,9 +116,14 @@ class InferenceEngine:
         device: str | torch.device = "auto",
         dtype: str = "auto",
         compile: bool = False,
+        preprocess: str = "cpu",
     ):
+        if preprocess not in ENGINE_PREPROCESS:
+            raise ValueError(f"--preprocess must be one of {ENGINE_PREPROCESS}, got {preprocess!r}.")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        warn_if_slow_cpu_dtype(self.dtype, self.device)
+        self.preprocess = preprocess
         model = model.eval().requires_grad_(False)
         if self.dtype == "int8":
             model = quantize_int8(model.float())
@@ -97,6 +137,7 @@ class InferenceEngine:
         self._image_fn = torch.compile(model.get_image_features, dynamic=False) if compile else None
         self._compiled_batch: int | None = None
         self.forward_calls = 0
+        self._text_lock = threading.Lock()  # the prompt cache is shared by request threads
         vision = model.config.vision_config
         self.image_size = int(vision.image_size)
         self.projection_dim = int(model.config.projection_dim)
@@ -108,6 +149,7 @@ class InferenceEngine:
         device: str | torch.device = "auto",
         dtype: str = "auto",
         compile: bool = False,
+        preprocess: str = "cpu",
     ) -> InferenceEngine:
         """Load the model, image processor and tokenizer from a local folder (never from the Hub)."""
         if not os.path.isdir(model_dir):
@@ -116,11 +158,15 @@ class InferenceEngine:
         attn = "sdpa"  # both towers support it; on CUDA it dispatches to flash / memory-efficient kernels
         model = CheXficientModel.from_pretrained(model_dir, attn_implementation=attn, local_files_only=True)
         image_processor, tokenizer = load_processor(model_dir)
-        return cls(model, image_processor, tokenizer, device=resolved, dtype=dtype, compile=compile)
+        return cls(
+            model, image_processor, tokenizer, device=resolved, dtype=dtype, compile=compile, preprocess=preprocess
+        )
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(str(self.device), self.dtype, self.compiled, self.image_size, self.projection_dim)
+        return EngineInfo(
+            str(self.device), self.dtype, self.compiled, self.image_size, self.projection_dim, self.preprocess
+        )
 
     # ----- embedding --------------------------------------------------------------------------------------------
 
@@ -152,18 +198,55 @@ class InferenceEngine:
             pixel_values = torch.from_numpy(pixel_values)
         return self.embed_pixels(pixel_values).cpu().numpy()
 
-    def iter_embeddings(self, batches: Iterable[ImageBatch]) -> Iterator[tuple[ImageBatch, np.ndarray | None]]:
+    def make_loader(
+        self,
+        items: Sequence[InputItem | str | os.PathLike],
+        batch_size: int,
+        num_workers: int = 0,
+        reader: Any = None,
+    ) -> DataLoader:
+        """The DataLoader this engine's `preprocess` mode wants: `ImageBatch`es of pixel values (cpu) or
+        `RawImageBatch`es of decoded images (gpu); pinned memory on CUDA."""
+        pin = self.device.type == "cuda"
+        if self.preprocess == "gpu":
+            return make_raw_image_loader(items, self.image_processor, batch_size, num_workers, pin, reader)
+        return make_image_loader(items, self.image_processor, batch_size, num_workers, pin, reader)
+
+    def _batches_for_mode(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """With `preprocess="gpu"`, a stock image loader (`make_image_loader`, as `chexficient embed` and
+        `classify` build it) is rebuilt over the same items, batch size and workers to decode only; anything else
+        is iterated as given."""
+        if self.preprocess != "gpu" or not isinstance(batches, DataLoader):
+            return batches
+        dataset = batches.dataset
+        if not isinstance(dataset, ImageDataset):
+            return batches
+        return self.make_loader(dataset.items, batches.batch_size or 1, batches.num_workers, dataset.reader)
+
+    def batch_pixels(self, batch: ImageBatch | RawImageBatch) -> torch.Tensor | None:
+        """A batch's pixel values on the engine's device: as collated (cpu mode), or preprocessed there from the
+        decoded images (a `RawImageBatch`); None when nothing in the batch decoded."""
+        if isinstance(batch, RawImageBatch):
+            return preprocess_raw_batch(self.image_processor, batch, self.device, self.input_dtype)
+        return batch.pixel_values
+
+    def iter_embeddings(
+        self, batches: Iterable[ImageBatch | RawImageBatch]
+    ) -> Iterator[tuple[ImageBatch | RawImageBatch, np.ndarray | None]]:
         """(batch, embeddings [len(batch.indices), D] or None) for each batch, in order.
 
         On CUDA the copy back to the host is asynchronous into pinned memory and a batch's result is waited for only
         after the next batch has been queued, so decode, transfer and compute overlap without per-batch stalls.
+        Batches may be `ImageBatch`es (preprocessed in the workers) or `RawImageBatch`es (preprocessed here); with
+        `preprocess="gpu"` a stock image loader is swapped for a decode-only one (`_batches_for_mode`).
         """
-        pending: tuple[ImageBatch, torch.Tensor | None, torch.cuda.Event | None] | None = None
+        pending: tuple[Any, torch.Tensor | None, torch.cuda.Event | None] | None = None
         cuda = self.device.type == "cuda"
-        for batch in batches:
+        for batch in self._batches_for_mode(batches):
             host, event = None, None
-            if batch.pixel_values is not None:
-                embeds = self.embed_pixels(batch.pixel_values)
+            pixel_values = self.batch_pixels(batch)
+            if pixel_values is not None:
+                embeds = self.embed_pixels(pixel_values)
                 if cuda:
                     host = torch.empty(embeds.shape, dtype=embeds.dtype, pin_memory=True)
                     host.copy_(embeds, non_blocking=True)
@@ -181,7 +264,7 @@ class InferenceEngine:
             yield self._finish(pending)
 
     @staticmethod
-    def _finish(pending: tuple[ImageBatch, torch.Tensor | None, Any]) -> tuple[ImageBatch, np.ndarray | None]:
+    def _finish(pending: tuple[Any, torch.Tensor | None, Any]) -> tuple[Any, np.ndarray | None]:
         batch, host, event = pending
         if event is not None:
             event.synchronize()
@@ -190,14 +273,30 @@ class InferenceEngine:
     # ----- zero-shot ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def classify_embeds(self, image_embeds: torch.Tensor | np.ndarray, labels: Sequence[str]) -> np.ndarray:
-        """Zero-shot probabilities [B, C] (the model's `zero_shot_classify`) from image embeddings."""
+    def label_embeds(self, labels: Sequence[str], prompts: str | Sequence[Sequence[str]] = "paper") -> torch.Tensor:
+        """Prompt embeddings [C, 2, D] of `labels` (tokenised and embedded once, then served from the model's LRU
+        cache). Thread-safe: the server computes them in request threads, outside the batching thread."""
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer, so zero-shot classification is unavailable.")
+        with self._text_lock:
+            return self.model.get_zero_shot_text_embeds(list(labels), self.tokenizer, prompts).float()
+
+    @torch.inference_mode()
+    def classify_embeds(
+        self,
+        image_embeds: torch.Tensor | np.ndarray,
+        labels: Sequence[str] | None = None,
+        text_embeds: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Zero-shot probabilities [B, C] from image embeddings: the model's protocol (`zero_shot_scores`), with
+        the prompt embeddings of `labels` or given as `text_embeds` [C, 2, D] (from `label_embeds`)."""
+        if (labels is None) == (text_embeds is None):
+            raise ValueError("pass exactly one of `labels` or `text_embeds`.")
+        if text_embeds is None:
+            text_embeds = self.label_embeds(labels)
         if isinstance(image_embeds, np.ndarray):
             image_embeds = torch.from_numpy(image_embeds)
-        image_embeds = image_embeds.to(self.device)
-        probs = self.model.zero_shot_classify(list(labels), self.tokenizer, image_embeds=image_embeds)
+        probs = zero_shot_scores(image_embeds.to(self.device).float(), text_embeds.to(self.device))
         return probs.float().cpu().numpy()
 
 
@@ -210,4 +309,13 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
     return cleaned
 
 
-__all__ = ["ENGINE_DTYPES", "EngineInfo", "InferenceEngine", "load_processor", "parse_labels", "quantize_int8"]
+__all__ = [
+    "ENGINE_DTYPES",
+    "ENGINE_PREPROCESS",
+    "EngineInfo",
+    "InferenceEngine",
+    "load_processor",
+    "parse_labels",
+    "quantize_int8",
+    "warn_if_slow_cpu_dtype",
+]
