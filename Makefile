@@ -40,7 +40,8 @@ browser:  ## Debian's Chromium for the Space's browser test (apt as root or with
 		echo "error: no chromium and no apt-get: install Chromium and set CHROMIUM_PATH" >&2; exit 1; \
 	fi
 
-demo:  ## curated pretraining of a tiny model on the built-in phantoms; prints what it learnt
+demo:  ## a warm start, then curated pretraining of a tiny model on the built-in phantoms; prints what it learnt
+	$(PY) -m accelerate.commands.launch --num_processes 1 --cpu train/pretrain.py --config demo_foundation --cpu
 	$(PY) -m accelerate.commands.launch --num_processes 1 --cpu train/pretrain.py --config demo_tiny --cpu
 
 EVAL_OUT ?= outputs/eval_demo

@@ -61,6 +61,13 @@ CHEXPERT_LABELS: tuple[str, ...] = (
     "No Finding",
 )
 PromptTemplates = tuple[tuple[str, str], ...]
+# What templated prompts say for "No Finding" (a negated template would read "There is no no finding."): report
+# sentences of a normal study against an abnormal one.
+NO_FINDING_REPORT_PROMPTS: PromptTemplates = (
+    ("No acute cardiopulmonary process.", "There is an acute cardiopulmonary process."),
+    ("Normal chest radiograph.", "Abnormal chest radiograph."),
+    ("The lungs are clear.", "The lungs are not clear."),
+)
 # Zero-shot prompt presets: (positive, negative) template pairs; `{c}` is the label as written, `{c_lower}` lower-cased.
 # "paper" is the released model's protocol; "report" is an ensemble in the style of report sentences, whose text
 # embeddings are averaged (an option beyond the paper, robust where a small text tower misreads bare labels).
@@ -100,13 +107,15 @@ def zero_shot_prompts(label: str, prompts: str | Sequence[Sequence[str]] = "pape
     """The (positive, negative) prompt pairs of one finding, one pair per template.
 
     The paper's templates give "{label}" and "no {label}"; "No Finding" has no sensible negation, so its negative
-    prompt is then "there is Finding", as in the reference code.
+    prompt is then "there is Finding", as in the reference code. Other templates would read "There is no no
+    finding.": "No Finding" takes `NO_FINDING_REPORT_PROMPTS` instead, one pair per template.
     """
     templates = resolve_prompt_templates(prompts)
+    no_finding = label.strip().lower() in NO_FINDING_LABELS
     if templates == ZERO_SHOT_PROMPTS["paper"]:
-        if label.strip().lower() in NO_FINDING_LABELS:
-            return [(label, "there is Finding")]
-        return [(label, f"no {label}")]
+        return [(label, "there is Finding")] if no_finding else [(label, f"no {label}")]
+    if no_finding:
+        return [NO_FINDING_REPORT_PROMPTS[i % len(NO_FINDING_REPORT_PROMPTS)] for i in range(len(templates))]
     return [
         (pos.format(c=label, c_lower=label.lower()), neg.format(c=label, c_lower=label.lower()))
         for pos, neg in templates

@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +45,19 @@ sys.path.insert(0, str(ROOT))
 from chexficient.curation.archive import knn_distances, near_duplicate_share, pca_2d  # noqa: E402
 from chexficient.curation.functions import concat_normalized  # noqa: E402
 from chexficient.images import make_image_loader  # noqa: E402
+from chexficient.machine import machine_info  # noqa: E402
 from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
-from chexficient.phantom_archive import RARE_FINDINGS, write_archive_dataset  # noqa: E402
+from chexficient.phantom_archive import RARE_FINDINGS, archive_prompts, write_archive_dataset  # noqa: E402
 from chexficient.phantoms import PHANTOM_LABELS  # noqa: E402
 from eval.linear_probe import FeatureSplit, evaluate_linear_probe, split_off_validation  # noqa: E402
 from eval.retrieval import deduplicate_texts, evaluate_retrieval  # noqa: E402
 
-from modeling_chexficient import CheXficientModel  # noqa: E402
+from modeling_chexficient import CheXficientModel, zero_shot_scores  # noqa: E402
 from processing_chexficient import CheXficientProcessor  # noqa: E402
 
 
 ARMS = ("curated", "random", "full")
-PRIMARY = ("linear_probe_1pct", "linear_probe_10pct", "zero_shot_report")
+PRIMARY = ("linear_probe_1pct", "linear_probe_10pct", "zero_shot_archive")
 # The probe sets are small (1% of 3,000 images is 30): enough optimizer steps for a linear head to converge, with
 # the best epoch chosen on the validation share as eval/linear_probe.py does.
 PROBE_EPOCHS, PROBE_BATCH, PROBE_LR = 100, 32, 3e-3
@@ -105,8 +107,6 @@ def common_arguments(args: argparse.Namespace) -> list[str]:
         "none",
         "--num_workers",
         str(args.num_workers),
-        "--model_config",
-        "tiny",
         "--logging_steps",
         "50",
         "--per_device_batch_size",
@@ -149,6 +149,21 @@ def encode(model_dir: Path, frame: Any, root: Path, texts: list[str] | None = No
     return out
 
 
+@torch.no_grad()
+def archive_text_embeds(model: Any, processor: Any, labels: list[str]) -> torch.Tensor:
+    """[C, 2, D]: per label, the mean (re-normalised) embedding of its positive and of its negative sentences in the
+    corpus's own report wording (`archive_prompts`): report-style prompt ensembles."""
+    pairs = []
+    for label in labels:
+        sides = []
+        for sentences in archive_prompts(label):
+            tokens = processor(text=sentences)
+            embeds = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+            sides.append(torch.nn.functional.normalize(embeds.mean(dim=0), dim=-1))
+        pairs.append(torch.stack(sides))
+    return torch.stack(pairs)
+
+
 def report_texts(frame: Any) -> list[str]:
     return [" ".join(f"{a} {b}".split()) for a, b in zip(frame["findings"].fillna(""), frame["impression"].fillna(""))]
 
@@ -161,6 +176,12 @@ def evaluate_arm(model_dir: Path, data: dict[str, Any], probe_seeds: tuple[int, 
     model, tokenizer = encoded["model"], encoded["processor"].tokenizer
     targets = test[labels].to_numpy(dtype=float)
     result: dict[str, Any] = {}
+    scores = zero_shot_scores(encoded["image"], archive_text_embeds(model, encoded["processor"], labels)).numpy()
+    metric = multilabel_auc(scores, targets, labels, with_auprc=False)
+    result["zero_shot_archive"] = metric["macro_auroc"]
+    result["zero_shot_archive_per_finding"] = metric["auroc"]
+    rare = [metric["auroc"][f] for f in RARE_FINDINGS if f in metric["auroc"]]
+    result["zero_shot_archive_rare"] = float(np.mean(rare)) if rare else math.nan
     for prompts in ("report", "paper"):
         scores = model.zero_shot_classify(labels, tokenizer, image_embeds=encoded["image"], prompts=prompts).numpy()
         metric = multilabel_auc(scores, targets, labels, with_auprc=False)
@@ -251,7 +272,7 @@ def plot_endpoints(per_seed: dict[str, dict[int, dict]], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*PRIMARY, "zero_shot_paper", "zero_shot_report_rare", "retrieval_i2t_r10"]
+    names = [*PRIMARY, "zero_shot_archive_rare", "zero_shot_paper", "retrieval_i2t_r10"]
     figure, axes = plt.subplots(1, len(names), figsize=(2.5 * len(names), 3.3))
     colours = {"curated": "#c0392b", "random": "#2e86c1", "full": "#7f8c8d"}
     for axis, name in zip(axes, names):
@@ -293,48 +314,67 @@ def summarise(values: list[float]) -> dict[str, float]:
 # ----- the experiment ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks/results/curation_archive")
     parser.add_argument("--work-dir", default="outputs/curation_archive")
     parser.add_argument("--reuse", action="store_true", help="keep arms whose run finished before")
-    parser.add_argument("--seeds", type=int, default=5, help="paired seeds of the curated and random arms")
-    parser.add_argument("--full-seeds", type=int, default=2, help="seeds of the full arm")
+    parser.add_argument("--seeds", type=int, default=10, help="paired seeds of the curated and random arms")
+    parser.add_argument("--full-seeds", type=int, default=3, help="seeds of the full arm")
     parser.add_argument("--pool-size", type=int, default=6000)
     parser.add_argument("--probe-size", type=int, default=3000, help="i.i.d. labelled images for the linear probe")
     parser.add_argument("--test-size", type=int, default=1500)
     parser.add_argument("--foundation-size", type=int, default=4000)
     parser.add_argument("--extra-studies", type=float, default=1.5, help="mean follow-up studies per patient")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--foundation-epochs", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=64, help="size the phantoms are rendered at")
+    parser.add_argument("--model-config", default="tiny", help="architecture preset of the foundation model")
+    parser.add_argument("--foundation-epochs", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--super-batch", type=int, default=480)
     parser.add_argument("--batch-size", type=int, default=32, help="batch after curation (and of the other arms)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--probe-seeds", type=int, default=3)
+    parser.add_argument(
+        "--ablate",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="instead of the comparison, one curated/random pair per seed for each variant (e.g. max_per_cluster=20 "
+        "num_prototypes=12 super_batch=960 foundation_epochs=2 extra_studies=0.3 outlier_quantile=0.9)",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train/pretrain.py arguments")
-    args = parser.parse_args(argv)
-    out_dir, work = Path(args.out_dir), Path(args.work_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "runs.log"
-    started = time.time()
+    return parser
 
-    data_paths = prepare_data(work, args)
-    pool = load_frame(data_paths["train"])
-    data = {
-        "root": data_paths["root"],
-        "test_frame": load_frame(data_paths["test"]),
-        "probe_frame": load_frame(data_paths["val"]),
-    }
+
+@dataclass
+class Setup:
+    """The data, the warm start and the arguments every arm of one setting shares."""
+
+    work: Path
+    data: dict[str, Any]
+    pool: Any
+    common: list[str]
+    warm: list[str]
+    foundation: dict[str, Any]
+    foundation_dir: Path
+    log: Path
+
+
+def set_up(args: argparse.Namespace, work: Path, tag: str = "") -> Setup:
+    """Render the data (shared by settings with the same data parameters) and train (or reuse) the foundation."""
+    data_dir = work / f"data-r{args.extra_studies:g}-px{args.image_size}"
+    data_paths = prepare_data(data_dir, args)
+    log = work / "runs.log"
     common = common_arguments(args)
-    foundation_dir = work / "foundation_model"
+    foundation_dir = work / f"foundation-{args.model_config}-e{args.foundation_epochs}-px{args.image_size}"
     foundation = run_pretrain(
-        "foundation",
+        "foundation" + tag,
         foundation_dir,
         [
             *common,
+            "--model_config",
+            args.model_config,
             "--train_manifest",
             str(data_paths["foundation"]),
             "--image_root",
@@ -352,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--per_device_batch_size",
             str(args.batch_size),
         ],
-        args.reuse,
+        True,  # the warm start of a setting is trained once
         log,
     )
     warm = [
@@ -372,56 +412,151 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         str(args.learning_rate / 10),
         *args.extra,
     ]
+    data = {
+        "root": data_paths["root"],
+        "test_frame": load_frame(data_paths["test"]),
+        "probe_frame": load_frame(data_paths["val"]),
+    }
+    return Setup(work, data, load_frame(data_paths["train"]), common, warm, foundation, foundation_dir, log)
+
+
+def run_arms(setup: Setup, args: argparse.Namespace, runs_dir: Path, seeds: int, full_seeds: int):
+    """Curated and random arms paired by seed (random matched to the pairs the curated arm kept), and full arms;
+    returns their summaries and subsets."""
     runs: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
     subsets: dict[str, dict[int, list[int]]] = {"curated": {}, "random": {}}
-    for seed in range(args.seeds):
-        curated_dir = work / f"curated-s{seed}"
-        runs["curated"][seed] = run_pretrain(
-            f"curated s{seed}", curated_dir, [*common, *warm, "--seed", str(seed)], args.reuse, log
-        )
+    base = [*setup.common, *setup.warm]
+    for seed in range(seeds):
+        curated_dir = runs_dir / f"curated-s{seed}"
+        name = f"{runs_dir.name} curated s{seed}"
+        runs["curated"][seed] = run_pretrain(name, curated_dir, [*base, "--seed", str(seed)], args.reuse, setup.log)
         kept = json.loads((curated_dir / "final" / "curated_subset.json").read_text())
         subsets["curated"][seed] = kept["indices"]
-        random_dir = work / f"random-s{seed}"
+        random_dir = runs_dir / f"random-s{seed}"
         random_args = ["--seed", str(seed), "--random_subset_size", str(kept["num_curated"])]
-        runs["random"][seed] = run_pretrain(
-            f"random s{seed}", random_dir, [*common, *warm, *random_args], args.reuse, log
-        )
+        name = f"{runs_dir.name} random s{seed}"
+        runs["random"][seed] = run_pretrain(name, random_dir, [*base, *random_args], args.reuse, setup.log)
         subsets["random"][seed] = json.loads((random_dir / "final" / "curated_subset.json").read_text())["indices"]
-    for seed in range(args.full_seeds):
+    for seed in range(full_seeds):
         full_args = ["--seed", str(seed), "--curation", "false", "--per_device_batch_size", str(args.batch_size)]
-        runs["full"][seed] = run_pretrain(
-            f"full s{seed}", work / f"full-s{seed}", [*common, *warm, *full_args], args.reuse, log
-        )
+        name = f"{runs_dir.name} full s{seed}"
+        runs["full"][seed] = run_pretrain(name, runs_dir / f"full-s{seed}", [*base, *full_args], args.reuse, setup.log)
+    return runs, subsets
 
+
+def evaluate_arms(setup: Setup, runs: dict, runs_dir: Path, probe_seeds: tuple[int, ...]) -> dict:
     per_seed: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
-    probe_seeds = tuple(range(args.probe_seeds))
     for arm in ARMS:
         for seed, summary in runs[arm].items():
-            print(f"[evaluate] {arm} s{seed}", flush=True)
-            endpoints = evaluate_arm(work / f"{arm}-s{seed}" / "final", data, probe_seeds)
+            print(f"[evaluate] {runs_dir.name} {arm} s{seed}", flush=True)
+            endpoints = evaluate_arm(runs_dir / f"{arm}-s{seed}" / "final", setup.data, probe_seeds)
             compute = {k: summary.get(k) for k in ("pairs_trained", "steps", "wall_seconds", "curated_pairs")}
             per_seed[arm][seed] = {**endpoints, **compute}
-    warm_endpoints = evaluate_arm(foundation_dir / "final", data, probe_seeds)
+    return per_seed
 
-    endpoint_names = [k for k, v in per_seed["curated"][0].items() if isinstance(v, (int, float)) and v is not None]
-    means = {arm: {k: summarise([r[k] for r in per_seed[arm].values()]) for k in endpoint_names} for arm in ARMS}
+
+def compare(per_seed: dict) -> tuple[list[str], dict, dict, dict]:
+    """Endpoint names, means per arm, curated - random and full - random paired differences."""
+    first = next(iter(per_seed["curated"].values()))
+    names = [k for k, v in first.items() if isinstance(v, (int, float)) and v is not None]
+    means = {
+        arm: {k: summarise([r[k] for r in per_seed[arm].values()]) for k in names} for arm in ARMS if per_seed[arm]
+    }
     paired = {
         k: paired_difference(
-            [per_seed["curated"][s][k] for s in runs["curated"]], [per_seed["random"][s][k] for s in runs["curated"]]
+            [per_seed["curated"][s][k] for s in per_seed["curated"]],
+            [per_seed["random"][s][k] for s in per_seed["curated"]],
         )
-        for k in endpoint_names
+        for k in names
     }
-    full_vs_random = {
-        k: paired_difference(
-            [per_seed["full"][s][k] for s in runs["full"]], [per_seed["random"][s][k] for s in runs["full"]]
-        )
-        for k in endpoint_names
-    }
+    full = (
+        {
+            k: paired_difference(
+                [per_seed["full"][s][k] for s in per_seed["full"]],
+                [per_seed["random"][s][k] for s in per_seed["full"]],
+            )
+            for k in names
+        }
+        if per_seed["full"]
+        else {}
+    )
+    return names, means, paired, full
+
+
+def run_ablations(args: argparse.Namespace, work: Path, out_dir: Path) -> dict[str, Any]:
+    """Each variant changes one setting of the default comparison; curated and random arms, paired by seed."""
+    probe_seeds = tuple(range(args.probe_seeds))
+    variants = ["default=", *args.ablate]
+    table = {}
+    for variant in variants:
+        key, _, value = variant.partition("=")
+        varied = argparse.Namespace(**vars(args))
+        trainer: list[str] = []
+        if key in ("foundation_epochs", "extra_studies", "super_batch"):
+            setattr(varied, key, type(getattr(args, key))(value))
+        elif key != "default":
+            trainer = [f"--{key}", value]
+        varied.extra = [*args.extra, *trainer]
+        setup = set_up(varied, work, tag=f" ({variant})")
+        runs_dir = work / f"ablation-{key}-{value}" if key != "default" else work / "comparison"
+        runs, subsets = run_arms(setup, varied, runs_dir, args.seeds, 0)
+        per_seed = evaluate_arms(setup, runs, runs_dir, probe_seeds)
+        _, means, paired, _ = compare(per_seed)
+        table[variant] = {
+            "curated": {k: means["curated"][k]["mean"] for k in (*PRIMARY, "curated_pairs")},
+            "random": {k: means["random"][k]["mean"] for k in PRIMARY},
+            "curated_minus_random": {k: paired[k] for k in PRIMARY},
+            "near_duplicate_share": {
+                arm: float(
+                    np.mean(
+                        [subset_composition(ids, setup.pool)["near_duplicate_share"] for ids in subsets[arm].values()]
+                    )
+                )
+                for arm in subsets
+            },
+        }
+        (out_dir / "ablations.json").write_text(json.dumps({"settings": vars(args), "variants": table}, indent=2))
+    (out_dir / "ablations.md").write_text(ablation_markdown(table))
+    print(ablation_markdown(table))
+    return table
+
+
+def ablation_markdown(table: dict[str, Any]) -> str:
+    lines = [
+        "| variant | kept pairs | " + " | ".join(f"{k}: curated - random (95% CI)" for k in PRIMARY) + " |",
+        "|---|---|" + "---|" * len(PRIMARY),
+    ]
+    for variant, row in table.items():
+        cells = [
+            f"{d['mean']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
+            for d in (row["curated_minus_random"][k] for k in PRIMARY)
+        ]
+        lines.append(f"| {variant or 'default'} | {row['curated']['curated_pairs']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    out_dir, work = Path(args.out_dir), Path(args.work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    if args.ablate is not None:
+        return run_ablations(args, work, out_dir)
+    started = time.time()
+    setup = set_up(args, work)
+    runs_dir = work / "comparison"
+    runs, subsets = run_arms(setup, args, runs_dir, args.seeds, args.full_seeds)
+    probe_seeds = tuple(range(args.probe_seeds))
+    per_seed = evaluate_arms(setup, runs, runs_dir, probe_seeds)
+    warm_endpoints = evaluate_arm(setup.foundation_dir / "final", setup.data, probe_seeds)
+    _, means, paired, full_vs_random = compare(per_seed)
+    pool = setup.pool
     composition = {
         "pool": subset_composition(list(range(len(pool))), pool),
         **{f"{arm}-s{seed}": subset_composition(ids, pool) for arm in subsets for seed, ids in subsets[arm].items()},
     }
-    full_space = pool_features(work / "full-s0" / "final", pool, data["root"])
+    full_space = pool_features(runs_dir / "full-s0" / "final", pool, setup.data["root"])
     knn = {
         arm: [knn_distances(full_space[torch.tensor(ids)]) for ids in subsets[arm].values()]
         for arm in ("curated", "random")
@@ -433,8 +568,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     plot_figure_2(full_space, chosen, knn, out_dir)
     plot_endpoints(per_seed, out_dir)
+    foundation = setup.foundation
     results = {
         "settings": vars(args),
+        "machine": machine,
         "foundation": {
             "summary": {k: foundation.get(k) for k in ("steps", "pairs_trained", "wall_seconds")},
             **warm_endpoints,
@@ -457,8 +594,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
     means, paired, vs_full = results["means"], results["curated_minus_random"], results["full_minus_random"]
     rows = [
         *PRIMARY,
+        "zero_shot_archive_rare",
+        "zero_shot_report",
         "zero_shot_paper",
-        "zero_shot_report_rare",
         "zero_shot_paper_rare",
         "retrieval_i2t_r10",
         "pairs_trained",

@@ -322,11 +322,29 @@ def write_archive_dataset(
     return result
 
 
+def archive_prompts(label: str) -> tuple[list[str], list[str]]:
+    """Report-style prompt ensembles for one label, in the corpus's own wording: (positive sentences, negative
+    sentences), each template filled for both sides. For zero-shot evaluation on archive phantoms."""
+    if label == "No Finding":
+        abnormal = [
+            _fill(t, np.random.default_rng(i)) for i, f in enumerate(PHANTOM_FINDINGS) for t in _POSITIVE[f][:1]
+        ]
+        return list(_NORMAL_IMPRESSIONS + _NORMAL_FINDINGS), abnormal
+    positives = [
+        template.format(size="moderate", size_cap="Moderate", side=side, side_cap=side.capitalize(), zone="lower")
+        for template in _POSITIVE[label]
+        for side in ("right", "left")
+    ]
+    negatives = _NEGATIVE[label] or ["No lines or tubes.", "No support devices."]
+    return list(dict.fromkeys(positives)), list(negatives)
+
+
 __all__ = [
     "ARCHIVE_PREVALENCE",
     "COMMON_FINDINGS",
     "RARE_FINDINGS",
     "ArchiveStudy",
+    "archive_prompts",
     "describe_image",
     "generate_archive",
     "make_archive_report",

@@ -7,8 +7,8 @@ leads, a broken rib. Labels are long-tailed (no finding dominant, fractures belo
 near-duplicates, a few mismatched reports and a few corrupt files, as real corpora do. Everything is deterministic
 by seed.
 
-    python -m train.phantoms outputs/phantoms --num-train 2000 --num-test 400
-    python -m train.phantoms outputs/phantom_seg --segmentation --num-train 160 --num-val 40 --num-test 80
+    python -m chexficient.phantoms outputs/phantoms --num-train 2000 --num-test 400
+    python -m chexficient.phantoms outputs/phantom_seg --segmentation --num-train 160 --num-val 40 --num-test 80
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 @dataclass
 class LinearProbeArguments:
     model: str = field(metadata={"help": "CheXficient folder, or any HF image encoder folder."})
-    dataset: str = field(metadata={"help": "Classification adapter name (see eval/datasets.py)."})
+    dataset: str = field(metadata={"help": "Classification adapter name (see eval/datasets/)."})
     root: str = field(metadata={"help": "Root folder of the dataset."})
     train_split: str = field(default="train", metadata={"help": "Split the head is trained on."})
     val_split: str = field(

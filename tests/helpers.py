@@ -116,3 +116,31 @@ def run_without_project(script: str, *args: str, workdir: Path, timeout: int = 3
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def dicom_dataset(pixels, photometric: str = "MONOCHROME2", bits: int = 12, frames: int = 1, **elements):
+    """An uncompressed single- or multi-frame DICOM dataset (explicit VR little endian) of integer `pixels`
+    [(frames,) H, W] stored in `bits` bits; `elements` set any other attribute (windows, LUTs, rescale)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = pixels.shape[-2:]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated = 8 if bits <= 8 else 16
+    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = bits, bits - 1, 0
+    if frames > 1:
+        dataset.NumberOfFrames = frames
+    for key, value in elements.items():
+        setattr(dataset, key, value)
+    if pixels.size:
+        dataset.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
+    return dataset

@@ -15,14 +15,14 @@ import PIL.Image
 import pydicom
 import pytest
 import torch
+from helpers import dicom_dataset as make_dicom
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -30,8 +30,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from image_processing_chexficient import DICOM_DECODERS_HINT, CheXficientImageProcessor, load_image
@@ -169,22 +167,7 @@ def radiograph(height: int = 96, width: int = 80) -> np.ndarray:
 
 
 def dicom_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME1", bits: int = 12, **elements) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated = 8 if bits <= 8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
-    return ds
+    return make_dicom(pixels, photometric, bits, **elements)
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])

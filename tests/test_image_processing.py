@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import dicom_dataset
 
 from image_processing_chexficient import CheXficientImageProcessor, load_image
 
@@ -41,27 +42,7 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1, **elements) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    if pixels.size:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    dicom_dataset(pixels, photometric, 12, frames, **elements).save_as(path, enforce_file_format=True)
 
 
 @pytest.mark.parametrize("shape", [(500, 420), (420, 500), (379, 379), (378, 600)])

@@ -312,7 +312,7 @@ def test_card_counts_curated_pairs_per_source_with_the_ids_pretraining_reads(tmp
         frame.to_parquet(manifest)
     folder = tmp_path / "model"
     save_tiny_model(folder)
-    # pretraining records the ids as text, as train.data reads them from the manifest
+    # pretraining records the ids as text, as chexficient.pairs reads them from the manifest
     write_curated_subset(
         folder, curated_subset_record([0, 2, 4], ids=["7", "9", "11"], num_candidates=5, source=str(manifest))
     )

@@ -73,6 +73,7 @@ class DataArguments:
     phantom_dir: str | None = field(
         default=None, metadata={"help": "where the phantoms go (default: OUTPUT/phantoms)"}
     )
+    phantom_seed: int = field(default=0, metadata={"help": "seed of the phantoms (another seed: other patients)"})
     phantom_num_train: int = field(default=1200, metadata={"help": "phantom training pairs"})
     phantom_num_eval: int = field(default=200, metadata={"help": "phantom validation images"})
     phantom_num_test: int = field(default=400, metadata={"help": "phantom test images"})

@@ -166,6 +166,7 @@ def prepare_phantoms(data_args: DataArguments, output_dir: Path, accelerator: Ac
             num_train=data_args.phantom_num_train,
             num_val=data_args.phantom_num_eval,
             num_test=data_args.phantom_num_test,
+            seed=data_args.phantom_seed,
             image_size=data_args.phantom_image_size,
         )
     accelerator.wait_for_everyone()
@@ -712,8 +713,12 @@ def finish(ctx: RunContext, seconds: float) -> dict[str, Any]:
     final_dir = ctx.output_dir / "final"
     unwrapped = accelerator.unwrap_model(ctx.model)
     if ctx.curating_enabled and ctx.curator.is_initialized:
+        prototypes = ctx.curator.prototypes.to(unwrapped.prototypes)
+        if prototypes.shape != unwrapped.prototypes.shape:  # a warm start saved with another K
+            unwrapped.register_buffer("prototypes", prototypes.clone(), persistent=True)
+            unwrapped.config.num_prototypes = prototypes.shape[0]
         with torch.no_grad():
-            unwrapped.prototypes.copy_(ctx.curator.prototypes.to(unwrapped.prototypes))
+            unwrapped.prototypes.copy_(prototypes)
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {
         "steps": state.global_step,

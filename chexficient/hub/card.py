@@ -102,7 +102,7 @@ def per_source_counts(
 ) -> dict[str, dict[str, int]] | None:
     """{source: {"candidates", "curated"}} from a candidate manifest with a source column; None when unknown.
 
-    The manifest is read and its ids formed as pretraining reads them (`train.data`: the id column as text, else the
+    The manifest is read and its ids formed as pretraining reads them (`chexficient.pairs`: the id column as text, else the
     row number), so they match the ids in `curated_subset.json`.
     """
     from chexficient.manifests import read_manifest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import InputItem, discover_inputs, make_image_loader
+from ..images import InputItem, discover_inputs
 from .embed import csv_cell, errors_path, write_errors
 from .engine import InferenceEngine, parse_labels
 
@@ -79,7 +79,7 @@ def run_classify(
     done_items: list[InputItem] = []
     rows: list[np.ndarray] = []
     failures: list[tuple[InputItem, str]] = []
-    loader = make_image_loader(items, engine.image_processor, batch_size, num_workers if items else 0)
+    loader = engine.make_loader(items, batch_size, num_workers if items else 0)
     with tqdm(total=len(items), unit="img", desc="classify", disable=not progress, dynamic_ncols=True) as bar:
         for batch, embeddings in engine.iter_embeddings(loader):
             failures += [(items[index], message) for index, message in batch.failed]

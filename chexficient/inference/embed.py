@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import InputItem, discover_inputs, make_image_loader
+from ..images import InputItem, discover_inputs
 from .engine import InferenceEngine
 
 
@@ -279,9 +279,7 @@ def run_embed(
     todo = [item for item in items if item.id not in done]
     failures: list[tuple[InputItem, str]] = []
     embedded = 0
-    loader = make_image_loader(
-        todo, engine.image_processor, batch_size, num_workers if todo else 0, pin_memory=engine.device.type == "cuda"
-    )
+    loader = engine.make_loader(todo, batch_size, num_workers if todo else 0)
     with tqdm(total=len(todo), unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
         for batch, embeddings in engine.iter_embeddings(loader):
             failures += [(todo[index], message) for index, message in batch.failed]

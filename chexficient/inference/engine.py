@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..images import ImageBatch, ImageDataset, InputItem, make_image_loader
+from ..images import ImageBatch, InputItem, make_image_loader
 from ..runtime import DTYPES, resolve_device
 from .gpu_preprocess import PREPROCESS_MODES, RawImageBatch, make_raw_image_loader, preprocess_raw_batch
 from image_processing_chexficient import CheXficientImageProcessor
@@ -212,17 +212,6 @@ class InferenceEngine:
             return make_raw_image_loader(items, self.image_processor, batch_size, num_workers, pin, reader)
         return make_image_loader(items, self.image_processor, batch_size, num_workers, pin, reader)
 
-    def _batches_for_mode(self, batches: Iterable[Any]) -> Iterable[Any]:
-        """With `preprocess="gpu"`, a stock image loader (`make_image_loader`, as `chexficient embed` and
-        `classify` build it) is rebuilt over the same items, batch size and workers to decode only; anything else
-        is iterated as given."""
-        if self.preprocess != "gpu" or not isinstance(batches, DataLoader):
-            return batches
-        dataset = batches.dataset
-        if not isinstance(dataset, ImageDataset):
-            return batches
-        return self.make_loader(dataset.items, batches.batch_size or 1, batches.num_workers, dataset.reader)
-
     def batch_pixels(self, batch: ImageBatch | RawImageBatch) -> torch.Tensor | None:
         """A batch's pixel values on the engine's device: as collated (cpu mode), or preprocessed there from the
         decoded images (a `RawImageBatch`); None when nothing in the batch decoded."""
@@ -237,12 +226,12 @@ class InferenceEngine:
 
         On CUDA the copy back to the host is asynchronous into pinned memory and a batch's result is waited for only
         after the next batch has been queued, so decode, transfer and compute overlap without per-batch stalls.
-        Batches may be `ImageBatch`es (preprocessed in the workers) or `RawImageBatch`es (preprocessed here); with
-        `preprocess="gpu"` a stock image loader is swapped for a decode-only one (`_batches_for_mode`).
+        Batches may be `ImageBatch`es (preprocessed in the workers) or `RawImageBatch`es (preprocessed here), as
+        `make_loader` builds them for the engine's `preprocess` mode.
         """
         pending: tuple[Any, torch.Tensor | None, torch.cuda.Event | None] | None = None
         cuda = self.device.type == "cuda"
-        for batch in self._batches_for_mode(batches):
+        for batch in batches:
             host, event = None, None
             pixel_values = self.batch_pixels(batch)
             if pixel_values is not None:

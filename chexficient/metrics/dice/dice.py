@@ -1,6 +1,6 @@
 """Dice similarity coefficient of binary segmentation masks, per class and mean.
 
-Load offline with `evaluate.load("eval/metrics/dice")`; eval/segmentation.py imports `dice_per_image` directly
+Load offline with `evaluate.load("chexficient/metrics/dice")`; eval/segmentation.py imports `dice_per_image` directly
 for model selection and the bootstrap, so there is one implementation.
 """
 
@@ -28,7 +28,7 @@ Args:
 Returns:
     mean_dice (`float`), dice (`dict` class -> mean over images), num_images (`int`).
 Example:
-    >>> metric = evaluate.load("eval/metrics/dice")
+    >>> metric = evaluate.load("chexficient/metrics/dice")
     >>> metric.compute(predictions=[[[1, 1, 0, 0]]], references=[[[1, 0, 0, 0]]])["mean_dice"]
     0.6666666666666666
 """

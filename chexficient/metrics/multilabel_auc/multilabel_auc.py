@@ -1,6 +1,6 @@
 """Multi-label AUROC and AUPRC, per class and macro, with uncertain labels (-1) masked.
 
-Load offline with `evaluate.load("eval/metrics/multilabel_auc")`; the same functions are imported directly by
+Load offline with `evaluate.load("chexficient/metrics/multilabel_auc")`; the same functions are imported directly by
 the bootstrap and by periodic evaluation in train/, so there is one implementation.
 """
 
@@ -31,7 +31,7 @@ Returns:
     macro_auroc, macro_auprc (`float`, NaN when every class is skipped), auroc and auprc (`dict` class -> value),
     skipped_classes (`list` of `str`), num_samples (`int`).
 Example:
-    >>> metric = evaluate.load("eval/metrics/multilabel_auc")
+    >>> metric = evaluate.load("chexficient/metrics/multilabel_auc")
     >>> metric.compute(predictions=[[0.9], [0.2]], references=[[1], [0]], labels=["Edema"])["macro_auroc"]
     1.0
 """

@@ -1,6 +1,6 @@
 """Cross-modal retrieval Recall@K and mean / median rank.
 
-Load offline with `evaluate.load("eval/metrics/retrieval_recall")`; eval/retrieval.py imports `retrieval_ranks`
+Load offline with `evaluate.load("chexficient/metrics/retrieval_recall")`; eval/retrieval.py imports `retrieval_ranks`
 and `retrieval_recall` directly for the bootstrap, so there is one implementation.
 """
 
@@ -28,7 +28,7 @@ Args:
 Returns:
     `recall@K` for every K (share of queries whose rank <= K), mean_rank, median_rank, num_queries, gallery_size.
 Example:
-    >>> metric = evaluate.load("eval/metrics/retrieval_recall")
+    >>> metric = evaluate.load("chexficient/metrics/retrieval_recall")
     >>> metric.compute(predictions=[[0.9, 0.1], [0.8, 0.3]], references=[[0], [1]], k=[1])["recall@1"]
     0.5
 """
