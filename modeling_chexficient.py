@@ -555,6 +555,7 @@ _zero_shot_pipeline_support()
 
 __all__ = [
     "CHEXPERT_LABELS",
+    "NO_FINDING_REPORT_PROMPTS",
     "ZERO_SHOT_PROMPTS",
     "CheXficientForImageClassification",
     "CheXficientModel",

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from playwright.sync_api import sync_playwright
 
-    from space.app import DEFAULT_FINDINGS, build_demo, launch
+    from space.app import CheXficientSpace, build_demo, launch
 
     demo = build_demo(args.model, args.llava_model)
     launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
             browser = launch_browser(playwright)
             page = open_app(browser, demo.local_url)
             upload(page, args.image)
-            bars = wait_for_bars(page, len(DEFAULT_FINDINGS))
+            bars = wait_for_bars(page, len(CheXficientSpace(args.model).default_findings))
             page.wait_for_timeout(500)  # let the bar animation settle
             page.screenshot(path=str(out), full_page=True)
             browser.close()

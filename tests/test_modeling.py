@@ -13,6 +13,7 @@ from transformers import BertConfig, Dinov2Config
 
 from configuration_chexficient import CheXficientConfig
 from modeling_chexficient import (
+    NO_FINDING_REPORT_PROMPTS,
     ZERO_SHOT_PROMPTS,
     CheXficientForImageClassification,
     CheXficientModel,
@@ -373,7 +374,10 @@ def test_zero_shot_prompts_follow_the_paper():
     assert zero_shot_prompts("No Finding") == [("No Finding", "there is Finding")]
     report = zero_shot_prompts("Edema", "report")
     assert report[0] == ("There is edema.", "There is no edema.") and len(report) == len(ZERO_SHOT_PROMPTS["report"])
-    assert zero_shot_prompts("No Finding", [("{c} seen", "no {c_lower}")]) == [("No Finding seen", "no no finding")]
+    assert zero_shot_prompts("Edema", [("{c} seen", "no {c_lower}")]) == [("Edema seen", "no edema")]
+    # a templated "No Finding" would read "There is no no finding.": normal-study sentences instead, one per template
+    assert zero_shot_prompts("No Finding", "report") == list(NO_FINDING_REPORT_PROMPTS)
+    assert zero_shot_prompts("No Finding", [("{c} seen", "no {c_lower}")]) == [NO_FINDING_REPORT_PROMPTS[0]]
     with pytest.raises(ValueError, match="unknown prompt preset"):
         zero_shot_prompts("Edema", "papers")
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_inference_cli import save_tiny_model, write_inputs
+from helpers import save_tiny_model
+from test_inference_cli import write_inputs
 
 from chexficient.cli import main
 from chexficient.inference.onnx_export import OnnxEmbedder, compare, export_onnx
@@ -17,7 +18,8 @@ from processing_chexficient import CheXficientProcessor
 
 
 def test_export_cli_parity_dynamic_batch_and_int8(tmp_path, capsys):
-    model_dir = save_tiny_model(tmp_path / "model")
+    model_dir = tmp_path / "model"
+    save_tiny_model(model_dir)
     good, _ = write_inputs(tmp_path / "images")
     out = tmp_path / "onnx" / "chexficient.onnx"
     assert main(["export-onnx", "--model", str(model_dir), "--out", str(out), "--int8"]) == 0

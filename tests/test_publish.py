@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from chexficient.hub import publish as push_to_hub
 from chexficient.hub.publish import PublishError
-from chexficient.results import load_results, model_index_entries
+from chexficient.results import format_ci, load_results, model_index_entries
 from chexficient.subset import curated_subset_record, write_curated_subset
 from llava_rad.prompt import save_prompt
 
@@ -215,7 +215,7 @@ def test_dry_run_folder_loads_in_a_clean_process_and_its_card_parses(trained_run
         "| mimic | 12 | 3 | 25.0% |",
         "| padchest | 8 | 3 | 37.5% |",
         "| optimizer steps | 9 |",
-        "0.489 (0.443–0.530)",
+        format_ci(zero_shot["metrics"]["macro_auroc"]),  # the table of the eval JSON, with its CI
         "![Per-class zero-shot AUROC](eval/per_class_auroc.png)",
         "## Out-of-scope use",
         "not a medical device",
