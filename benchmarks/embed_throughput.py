@@ -38,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stock_path import stock_image_features  # noqa: E402
+
 from chexficient.machine import machine_info  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402
@@ -96,18 +98,8 @@ def measure_stock(model_dir: Path, images: list[Path]) -> dict[str, Any]:
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval().to(device)
     processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
     load = time.perf_counter() - start
-    per_image, forward = [], []
-    embeddings = []
-    for path in images:
-        t0 = time.perf_counter()
-        inputs = processor(images=str(path), return_tensors="pt")
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            embeddings.append(model.get_image_features(pixel_values=inputs["pixel_values"].to(device)).cpu())
-        t2 = time.perf_counter()  # .cpu() waits for the GPU, as a user reading the result does
-        per_image.append(t2 - t0)
-        forward.append(t2 - t1)
-    np.save(os.environ["BENCH_EMBED_OUT"], torch.cat(embeddings).numpy())
+    embeddings, per_image, forward = stock_image_features(model, processor, images, device)
+    np.save(os.environ["BENCH_EMBED_OUT"], embeddings)
     result = {
         "load_s": load,
         "end_to_end_images_per_s": len(images) / sum(per_image),

@@ -48,6 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stock_path import stock_image_features  # noqa: E402
+
 from chexficient.machine import device_slug, machine_info  # noqa: E402
 
 
@@ -260,17 +262,7 @@ def section_embedding(workdir: Path, s: dict[str, Any], device: torch.device) ->
             pixel_values=processor(images=str(images[0]), return_tensors="pt")["pixel_values"].to(device)
         )
     sync(device)
-    per_image, forward, stock_embeds = [], [], []
-    for path in images[: s["stock_images"]]:
-        t0 = time.perf_counter()
-        inputs = processor(images=str(path), return_tensors="pt")
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            stock_embeds.append(model.get_image_features(pixel_values=inputs["pixel_values"].to(device)).cpu())
-        t2 = time.perf_counter()  # .cpu() waits for the device, as a user reading the result does
-        per_image.append(t2 - t0)
-        forward.append(t2 - t1)
-    stock_embeds = torch.cat(stock_embeds).float().numpy()
+    stock_embeds, per_image, forward = stock_image_features(model, processor, images[: s["stock_images"]], device)
     result["stock"] = {
         "dtype": "float32",
         "batch_size": 1,

@@ -118,22 +118,30 @@ def run_without_project(script: str, *args: str, workdir: Path, timeout: int = 3
     return result
 
 
-def dicom_dataset(pixels, photometric: str = "MONOCHROME2", bits: int = 12, frames: int = 1, **elements):
-    """An uncompressed single- or multi-frame DICOM dataset (explicit VR little endian) of integer `pixels`
-    [(frames,) H, W] stored in `bits` bits; `elements` set any other attribute (windows, LUTs, rescale)."""
-    import numpy as np
+def dicom_header(
+    rows: int,
+    columns: int,
+    photometric: str = "MONOCHROME2",
+    bits: int = 12,
+    frames: int = 1,
+    syntax: str | None = None,
+    **elements,
+):
+    """A single- or multi-frame grayscale DICOM dataset without pixel data: `rows` x `columns` (x `frames`) samples
+    stored in `bits` bits, transfer syntax `syntax` (explicit VR little endian by default); `elements` set any other
+    attribute (windows, LUTs, rescale)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
     dataset = Dataset()
     dataset.file_meta = meta
     dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     dataset.Modality = "DX"
-    dataset.Rows, dataset.Columns = pixels.shape[-2:]
+    dataset.Rows, dataset.Columns = rows, columns
     dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
     dataset.BitsAllocated = 8 if bits <= 8 else 16
     dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = bits, bits - 1, 0
@@ -141,6 +149,29 @@ def dicom_dataset(pixels, photometric: str = "MONOCHROME2", bits: int = 12, fram
         dataset.NumberOfFrames = frames
     for key, value in elements.items():
         setattr(dataset, key, value)
+    return dataset
+
+
+def dicom_dataset(pixels, photometric: str = "MONOCHROME2", bits: int = 12, frames: int = 1, **elements):
+    """`dicom_header` for integer `pixels` [(frames,) H, W], uncompressed, with the pixels stored."""
+    import numpy as np
+
+    dataset = dicom_header(*pixels.shape[-2:], photometric=photometric, bits=bits, frames=frames, **elements)
     if pixels.size:
         dataset.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
     return dataset
+
+
+def llava_train_args(parts: dict[str, Path], output: Path, stage: str, **options) -> list[str]:
+    """Command-line arguments of `llava_rad/train.py` for one stage on the tiny `parts` (the fixture's dict of
+    chexficient / llama / train / root paths), with `options` as further `--key value` pairs."""
+    values = {
+        "chexficient": parts["chexficient"],
+        "language_model": parts["llama"],
+        "train_data": parts["train"],
+        "image_root": parts["root"],
+        "output_dir": output,
+        "stage": stage,
+        **options,
+    }
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]

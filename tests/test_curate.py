@@ -209,6 +209,26 @@ def test_curate_selects_what_the_trainer_selects_from_the_same_embeddings(archiv
         progress=False,
     )
     output = tmp_path / "trainer"
+    run_trainer(
+        archive,
+        output,
+        "--per_device_batch_size",
+        "96",
+        "--num_epochs",
+        "1",
+        "--seed",
+        "3",
+        "--learning_rate",
+        "0",
+        *CURATION,
+    )
+    trainer = json.loads((output / "final" / "curated_subset.json").read_text())
+    mine = json.loads((tmp_path / "curate" / "curated_subset.json").read_text())
+    assert trainer["ids"] == mine["ids"] and curated["kept"] == trainer["num_curated"] > 0
+
+
+def run_trainer(archive: dict[str, Path], output: Path, *options: str) -> None:
+    """`train/pretrain.py` on CPU from the archive's warm model and its tokenizer, on the archive's manifest."""
     command = [
         sys.executable,
         "train/pretrain.py",
@@ -221,27 +241,16 @@ def test_curate_selects_what_the_trainer_selects_from_the_same_embeddings(archiv
         str(archive["manifest"]),
         "--output_dir",
         str(output),
-        "--per_device_batch_size",
-        "96",
-        "--num_epochs",
-        "1",
-        "--seed",
-        "3",
-        "--learning_rate",
-        "0",
         "--min_learning_rate",
         "0",
         "--num_workers",
         "0",
         "--report_to",
         "none",
-        *CURATION,
+        *options,
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    trainer = json.loads((output / "final" / "curated_subset.json").read_text())
-    mine = json.loads((tmp_path / "curate" / "curated_subset.json").read_text())
-    assert trainer["ids"] == mine["ids"] and curated["kept"] == trainer["num_curated"] > 0
 
 
 # ----- warm start --------------------------------------------------------------------------------------------------
@@ -254,18 +263,9 @@ def test_pretraining_starts_from_a_warm_model_and_its_tokenizer(archive, tmp_pat
     runs = {}
     for name, lr in (("frozen", "0"), ("moving", "1e-3")):
         output = tmp_path / name
-        command = [
-            sys.executable,
-            "train/pretrain.py",
-            "--cpu",
-            "--model_name_or_path",
-            str(archive["model"]),
-            "--tokenizer",
-            str(archive["model"]),
-            "--train_manifest",
-            str(archive["manifest"]),
-            "--output_dir",
-            str(output),
+        run_trainer(
+            archive,
+            output,
             "--curation",
             "false",
             "--per_device_batch_size",
@@ -274,15 +274,7 @@ def test_pretraining_starts_from_a_warm_model_and_its_tokenizer(archive, tmp_pat
             "3",
             "--learning_rate",
             lr,
-            "--min_learning_rate",
-            "0",
-            "--num_workers",
-            "0",
-            "--report_to",
-            "none",
-        ]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        )
         runs[name] = load_file(output / "final" / "model.safetensors")
         vocab = [
             json.loads((f / "tokenizer.json").read_text())["model"]["vocab"]

@@ -17,9 +17,9 @@ import PIL.ImageFile
 import pydicom
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
+from helpers import dicom_header
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from image_processing_chexficient import DEFAULT_MAX_IMAGE_PIXELS, CheXficientImageProcessor, load_image
 
@@ -274,17 +274,7 @@ def test_black_png_passes_the_data_check(dtype):
 
 
 def dicom_file(path, rows: int, columns: int, pixel_data: bytes, frames: int = 1, syntax=ExplicitVRLittleEndian):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
+    ds = dicom_header(rows, columns, bits=16, frames=frames, syntax=syntax)
     ds.PixelData = pixel_data
     if syntax != ExplicitVRLittleEndian:
         ds["PixelData"].VR = "OB"
@@ -375,15 +365,16 @@ def test_16_bit_png_decoding_memory(tmp_path):
 def test_dicom_decoding_memory(tmp_path):
     height = width = 2000
     raw = (np.arange(height * width, dtype=np.uint32) % 4096).astype(np.uint16).reshape(height, width)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = height, width, 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 2, -1000, 3000, 4000
+    ds = dicom_header(
+        height,
+        width,
+        photometric="MONOCHROME1",
+        bits=12,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=3000,
+        WindowWidth=4000,
+    )
     ds.PixelData = raw.tobytes()
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
     image, peak = traced_peak(lambda: load_image(tmp_path / "x.dcm"))

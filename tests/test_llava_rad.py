@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import llava_train_args, save_tiny_model
 from transformers import LlavaForConditionalGeneration
 
 from llava_rad import train as train_script
@@ -48,13 +48,7 @@ def phantom_image(seed: int, size: int = 40) -> np.ndarray:
     return np.asarray(image)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than two, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +75,8 @@ def sources(parts) -> LlavaRadSources:
 
 
 def train_args(parts, output: Path, stage: str, **overrides) -> list[str]:
-    values = {
-        "chexficient": parts["chexficient"],
-        "language_model": parts["llama"],
-        "train_data": parts["train"],
-        "image_root": parts["root"],
-        "output_dir": output,
-        "stage": stage,
-        "per_device_batch_size": 4,
-        "num_workers": 0,
-        "logging_steps": 100,
-        "cpu": True,
-        "seed": 0,
-    }
-    values.update(overrides)
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    options = {"per_device_batch_size": 4, "num_workers": 0, "logging_steps": 100, "cpu": True, "seed": 0}
+    return llava_train_args(parts, output, stage, **{**options, **overrides})
 
 
 def batch_of(dataset, size: int = 4) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import llava_train_args
 from safetensors.torch import load_file
 
 
@@ -36,12 +37,7 @@ def environment() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +67,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 
 
 def stage_args(parts, output: Path, stage: str, batch_size: int, **overrides) -> list[str]:
-    values = {
-        "chexficient": parts["chexficient"],
-        "language_model": parts["llama"],
-        "train_data": parts["train"],
-        "image_root": parts["root"],
-        "output_dir": output,
-        "stage": stage,
+    options = {
         "per_device_batch_size": batch_size,
         "num_epochs": 3,
         "learning_rate": 1e-2,
@@ -86,8 +76,7 @@ def stage_args(parts, output: Path, stage: str, batch_size: int, **overrides) ->
         "logging_steps": 1,
         "seed": 0,
     }
-    values.update(overrides)
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    return llava_train_args(parts, output, stage, **{**options, **overrides})
 
 
 # torch's gloo backend now and then aborts a process at exit, after the run and its outputs are complete, when a

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import llava_train_args
 from safetensors.torch import load_file
 
 
@@ -225,13 +226,7 @@ def llava_parts(tmp_path_factory) -> dict[str, Path]:
 
 
 def llava_command(parts: dict[str, Path], output: Path, stage: str, **overrides) -> list[str]:
-    values = {
-        "chexficient": parts["chexficient"],
-        "language_model": parts["llama"],
-        "train_data": parts["train"],
-        "image_root": parts["root"],
-        "output_dir": output,
-        "stage": stage,
+    options = {
         "per_device_batch_size": 1,
         "max_steps": 2,
         "num_workers": 0,
@@ -240,8 +235,7 @@ def llava_command(parts: dict[str, Path], output: Path, stage: str, **overrides)
         "warmup_ratio": 0.0,
         "cpu": True,
     }
-    values.update(overrides)
-    return [sys.executable, "llava_rad/train.py", *[a for k, v in values.items() for a in (f"--{k}", str(v))]]
+    return [sys.executable, "llava_rad/train.py", *llava_train_args(parts, output, stage, **{**options, **overrides})]
 
 
 def check_stage(output: Path, result: dict, name: str) -> dict:

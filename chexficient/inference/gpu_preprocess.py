@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..images import DECODE_ERRORS, InputItem
+from ..images import DECODE_ERRORS, ImageDataset, InputItem
 
 
 PREPROCESS_MODES = ("cpu", "gpu")
@@ -61,26 +61,12 @@ def decode_raw(image_processor: Any, source: Any, name: str) -> np.ndarray:
     return array if array.flags.writeable else array.copy()  # PIL's buffer is read-only; torch wants to own it
 
 
-class RawImageDataset(Dataset):
+class RawImageDataset(ImageDataset):
     """Decodes one image per item to its integer pixels; a failure becomes an error record, never an exception.
 
-    Records are `{"index", "image" (uint8 or int16 tensor [C, H, W], or None), "bits" (8 or 16), "error"}`.
+    Takes the same arguments as `ImageDataset`. Records are `{"index", "image" (uint8 or int16 tensor [C, H, W], or
+    None), "bits" (8 or 16), "error"}`.
     """
-
-    def __init__(
-        self,
-        items: Sequence[InputItem | str | os.PathLike],
-        image_processor: Any,
-        reader: Callable[[int], Any] | None = None,
-    ):
-        self.items = [
-            item if isinstance(item, InputItem) else InputItem(os.fspath(item), os.fspath(item)) for item in items
-        ]
-        self.image_processor = image_processor
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
