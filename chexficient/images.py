@@ -186,12 +186,20 @@ def make_image_loader(
     reader: Callable[[int], Any] | None = None,
 ) -> DataLoader:
     """Ordered DataLoader of `ImageBatch`es; decoding runs in `num_workers` processes (0: in this one)."""
+    dataset = ImageDataset(items, image_processor, reader)
+    return ordered_loader(dataset, collate_images, batch_size, num_workers, pin_memory)
+
+
+def ordered_loader(
+    dataset: Dataset, collate_fn: Callable, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader that keeps the dataset's order (results are matched back to inputs by index)."""
     return DataLoader(
-        ImageDataset(items, image_processor, reader),
+        dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_images,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
@@ -208,5 +216,6 @@ __all__ = [
     "decode_image",
     "discover_inputs",
     "make_image_loader",
+    "ordered_loader",
     "preprocess_image",
 ]

@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
-from ..images import DECODE_ERRORS, ImageDataset, InputItem
+from ..images import DECODE_ERRORS, ImageDataset, InputItem, ordered_loader
 
 
 PREPROCESS_MODES = ("cpu", "gpu")
@@ -139,16 +139,8 @@ def make_raw_image_loader(
     reader: Callable[[int], Any] | None = None,
 ) -> DataLoader:
     """Ordered DataLoader of `RawImageBatch`es; decoding runs in `num_workers` processes (0: in this one)."""
-    return DataLoader(
-        RawImageDataset(items, image_processor, reader),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_raw_images,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
+    dataset = RawImageDataset(items, image_processor, reader)
+    return ordered_loader(dataset, collate_raw_images, batch_size, num_workers, pin_memory)
 
 
 def to_unit_float(images: torch.Tensor, bits: int) -> torch.Tensor:
