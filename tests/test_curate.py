@@ -3,6 +3,7 @@ own curation on the same embeddings), and the warm-start path of pretraining."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -158,21 +159,8 @@ def test_curate_resumes_after_a_kill_without_reembedding(archive, tmp_path, monk
 
     monkeypatch.setattr(CheXficientModel, "forward", dies_on_the_third_batch)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        curate_archive(
-            archive["manifest"],
-            archive["model"],
-            out,
-            super_batch_size=96,
-            config=_config(),
-            batch_size=50,
-            chunk_rows=50,
-            progress=False,
-        )
-    assert len(list((out / "embeddings.safetensors.parts").glob("part-*"))) == 2  # two batches were kept
-    calls.clear()
-    armed[0] = False
-    resumed = curate_archive(
+    curate_in_batches_of_50 = functools.partial(
+        curate_archive,
         archive["manifest"],
         archive["model"],
         out,
@@ -182,6 +170,12 @@ def test_curate_resumes_after_a_kill_without_reembedding(archive, tmp_path, monk
         chunk_rows=50,
         progress=False,
     )
+    with pytest.raises(KeyboardInterrupt):
+        curate_in_batches_of_50()
+    assert len(list((out / "embeddings.safetensors.parts").glob("part-*"))) == 2  # two batches were kept
+    calls.clear()
+    armed[0] = False
+    resumed = curate_in_batches_of_50()
     assert len(calls) == 4  # 200 of 300 pairs embedded again, not all 300
     stored = load_file(out / "embeddings.safetensors")["embeddings"]
     assert stored.shape[0] == 300  # each pair once
