@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import os
 import struct
@@ -763,10 +764,18 @@ class CheXficientImageProcessor(BaseImageProcessor):
         if self.do_convert_rgb and pixels.shape[1] == 1:
             pixels = pixels.expand(-1, 3, -1, -1)
         if self.do_normalize:
-            mean = torch.tensor(self.image_mean, device=pixels.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.image_std, device=pixels.device).view(1, -1, 1, 1)
+            mean, std = _normalisation_tensors(tuple(self.image_mean), tuple(self.image_std), pixels.device)
             pixels = (pixels - mean) / std
         return pixels.contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_tensors(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [1, C, 1, 1] tensors on `device`, made once: a host-to-device copy per batch would make the
+    host wait for the device."""
+    return torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1)
 
 
 CheXficientImageProcessor.register_for_auto_class("AutoImageProcessor")
