@@ -16,30 +16,35 @@ from pathlib import Path
 from typing import Any
 
 
-# /proc/cpuinfo flag -> the name we report. AVX-512 VNNI and AVX-VNNI are both "VNNI" (int8 dot products).
-ISA_FLAGS: dict[str, str] = {
-    "avx2": "avx2",
-    "fma": "fma",
-    "avx512f": "avx512f",
-    "avx512bw": "avx512bw",
-    "avx512_vnni": "avx512_vnni",
-    "avx_vnni": "avx_vnni",
-    "avx512_bf16": "avx512_bf16",
-    "avx512_fp16": "avx512_fp16",
-    "amx_tile": "amx_tile",
-    "amx_bf16": "amx_bf16",
-    "amx_int8": "amx_int8",
-}
+# The /proc/cpuinfo flags that matter for inference speed (VNNI: int8 dot products; BF16 / AMX: bfloat16 matmuls).
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 LIBRARIES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "numpy", "onnxruntime", "safetensors")
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str | None, frozenset[str]]:
-    """(model name, flags) of the first processor in /proc/cpuinfo; (None, {}) where there is none (macOS)."""
+def _cpuinfo_text() -> str:
+    """/proc/cpuinfo, read once; empty where there is none (macOS)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None, frozenset()
+        return ""
+
+
+def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo; (None, {}) where there is none."""
+    text = _cpuinfo_text()
     model, flags = None, frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -56,7 +61,7 @@ def _cpuinfo() -> tuple[str | None, frozenset[str]]:
 def cpu_flags() -> dict[str, bool]:
     """The ISA extensions that matter for inference speed, each True/False (all False where unknown)."""
     _, flags = _cpuinfo()
-    return {name: flag in flags for flag, name in ISA_FLAGS.items()}
+    return {flag: flag in flags for flag in ISA_FLAGS}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -74,12 +79,8 @@ def _version(name: str) -> str | None:
 
 def _physical_cores() -> int | None:
     """Physical cores from /proc/cpuinfo (core id per physical id); None where it cannot tell."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
     cores, physical = set(), "0"
-    for line in text.splitlines():
+    for line in _cpuinfo_text().splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "physical id":
@@ -153,7 +154,7 @@ def device_slug() -> str:
     if not gpu:
         return "cpu"
     name = gpu["devices"][0]["name"].lower().replace("nvidia", "").strip()
-    for family in ("h200", "h100", "a100", "l40s", "l4", "a10g", "v100", "t4", "b200", "gb200", "rtx"):
+    for family in ("h200", "h100", "a100", "l40s", "l4", "a10g", "v100", "t4", "b200", "rtx"):
         if family in name:
             return family
     return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "gpu"

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from .manifests import read_manifest
+
 
 PHANTOM_FINDINGS: tuple[str, ...] = (
     "Cardiomegaly",
@@ -443,7 +445,7 @@ def write_pretraining_splits(
         output_dir, num_train=num_train + num_val, num_test=num_test, seed=seed, image_size=image_size
     )
     root = Path(output_dir)
-    frame = _read_csv(written["train"])
+    frame = read_manifest(written["train"])
     meta = json.loads((root / "phantoms.json").read_text())
     flagged = {i for key in ("corrupt_ids", "mismatched_ids", "duplicate_ids") for i in meta.get(key, [])}
     clean = frame.index[~frame["id"].isin(flagged)]
@@ -453,12 +455,6 @@ def write_pretraining_splits(
         part.to_csv(partial, index=False)
         os.replace(partial, root / name)  # atomic: a reader never sees a half-written manifest
     return {"train": root / "train_split.csv", "val": root / "val_split.csv", "test": written["test"], "root": root}
-
-
-def _read_csv(path: Path):
-    import pandas as pd
-
-    return pd.read_csv(path)
 
 
 SEGMENTATION_CLASSES: tuple[str, ...] = ("right lung", "left lung", "heart")
@@ -533,14 +529,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-test", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="Image side in pixels (default 256; 128 with --archive)."
+    )
     parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16))
     parser.add_argument(
         "--segmentation",
         action="store_true",
         help="Write the lung/heart segmentation set instead (--num-train, --num-val and --num-test images).",
     )
-    parser.add_argument("--num-val", type=int, default=40, help="Validation images of the segmentation set.")
+    parser.add_argument(
+        "--num-val",
+        type=int,
+        default=None,
+        help="Validation images (default 40 with --segmentation, 0 with --archive).",
+    )
     parser.add_argument(
         "--archive",
         action="store_true",
@@ -551,14 +554,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.archive:
         from .phantom_archive import write_archive_dataset
 
-        image_size = args.image_size if args.image_size != 256 else 128
         written = write_archive_dataset(
             args.output_dir,
             num_train=args.num_train,
-            num_val=args.num_val if args.num_val != 40 else 0,
+            num_val=0 if args.num_val is None else args.num_val,
             num_test=args.num_test,
             seed=args.seed,
-            image_size=image_size,
+            image_size=128 if args.image_size is None else args.image_size,
         )
         meta = json.loads((Path(args.output_dir) / "archive.json").read_text())
         for split in ("train", "val", "test"):
@@ -569,14 +571,15 @@ def main(argv: list[str] | None = None) -> None:
                 for label, share in meta[split]["shares"].items():
                     print(f"  {label:<18} {share:6.1%}")
         return
+    image_size = 256 if args.image_size is None else args.image_size
     if args.segmentation:
         root = write_phantom_segmentation(
             args.output_dir,
             num_train=args.num_train,
-            num_val=args.num_val,
+            num_val=40 if args.num_val is None else args.num_val,
             num_test=args.num_test,
             seed=args.seed,
-            image_size=args.image_size,
+            image_size=image_size,
         )
         print(f"segmentation phantoms with {', '.join(SEGMENTATION_CLASSES)} masks: {root}")
         return
@@ -585,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         num_train=args.num_train,
         num_test=args.num_test,
         seed=args.seed,
-        image_size=args.image_size,
+        image_size=image_size,
         bit_depth=args.bit_depth,
     )
     meta = json.loads((Path(args.output_dir) / "phantoms.json").read_text())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from chexficient.images import DECODE_ERRORS, ImageBatch, ImageDataset, collate_images
+from chexficient.images import DECODE_ERRORS, ImageBatch, ImageDataset, collate_images, ordered_loader
 
 
 logger = logging.getLogger(__name__)
@@ -177,12 +177,8 @@ def encode_segmentation_split(
 ) -> EncodedSegmentationSplit:
     """Run the frozen encoder once over a split and keep its last `num_levels` feature maps."""
     grid = _patch_grid(loaded)
-    loader = torch.utils.data.DataLoader(
-        SegmentationImageDataset(data, loaded.image_processor),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_segmentation,
-    )
+    dataset = SegmentationImageDataset(data, loaded.image_processor)
+    loader = ordered_loader(dataset, collate_segmentation, batch_size, num_workers)
     features, masks, indices, skipped = [], [], [], []
     for batch, batch_masks in tqdm(loader, desc=f"encoding {data.name}", unit="batch", leave=False):
         skipped += [{"path": str(data.image_paths[i]), "error": e} for i, e in batch.failed]

@@ -224,10 +224,10 @@ def test_machine_info_reads_the_cpu_flags(monkeypatch):
     assert set(info["libraries"]) >= {"torch", "transformers", "accelerate", "deepspeed"}
     assert isinstance(info["cpu_native_bf16"], bool)
     fake = "processor : 0\nmodel name : Test CPU\nflags : fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
-    machine._cpuinfo.cache_clear()
+    machine._cpuinfo_text.cache_clear()
     monkeypatch.setattr(machine.Path, "read_text", lambda self: fake)
     try:
         assert machine.cpu_flags()["amx_bf16"] and not machine.cpu_flags()["avx512_vnni"]
         assert machine.cpu_has_native_bf16() and machine._cpuinfo()[0] == "Test CPU"
     finally:
-        machine._cpuinfo.cache_clear()
+        machine._cpuinfo_text.cache_clear()
