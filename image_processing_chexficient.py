@@ -379,8 +379,8 @@ def _dicom_monochrome(pixels: np.ndarray, dataset: Any, invert: bool, where: str
             return _window(modality(rows), center, window_width, function)
 
     else:
-        low = min(float(modality(rows).min()) for rows in blocks)
-        high = max(float(modality(rows).max()) for rows in blocks)
+        extremes = [(float(values.min()), float(values.max())) for values in map(modality, blocks)]
+        low, high = min(e[0] for e in extremes), max(e[1] for e in extremes)
 
         def transform(rows: slice) -> np.ndarray:
             values = modality(rows)

@@ -145,14 +145,24 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    # the record's image fields of an item that failed; a subclass that decodes to other fields names its own
+    failed_fields: dict[str, Any] = {"pixel_values": None}
+
+    def decode(self, source: Any, name: str) -> dict[str, Any]:
+        """The record's image fields of one source; raises one of `DECODE_ERRORS` for an unreadable input."""
+        pixels = preprocess_image(self.image_processor, source, name)
+        return {"pixel_values": torch.from_numpy(np.asarray(pixels, dtype=np.float32))}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         try:
             source = self.reader(index) if self.reader is not None else item.path
+            return {"index": index, **self.decode(source, item.path), "error": None}
         except DECODE_ERRORS as error:
-            return {"index": index, "pixel_values": None, "error": f"{item.path}: {error}"}
-        pixels, error = decode_image(self.image_processor, source, item.path)
-        return {"index": index, "pixel_values": None if pixels is None else torch.from_numpy(pixels), "error": error}
+            message = str(error)  # the processor names the file in its messages; a reader may not
+            if item.path not in message:
+                message = f"{item.path}: {message}"
+            return {"index": index, **self.failed_fields, "error": message}
 
 
 @dataclass

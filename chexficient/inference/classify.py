@@ -79,12 +79,13 @@ def run_classify(
     done_items: list[InputItem] = []
     rows: list[np.ndarray] = []
     failures: list[tuple[InputItem, str]] = []
+    text_embeds = engine.label_embeds(labels) if items else None  # once for the run, not per batch
     loader = engine.make_loader(items, batch_size, num_workers if items else 0)
     with tqdm(total=len(items), unit="img", desc="classify", disable=not progress, dynamic_ncols=True) as bar:
         for batch, embeddings in engine.iter_embeddings(loader):
             failures += [(items[index], message) for index, message in batch.failed]
             if embeddings is not None:
-                rows.append(engine.classify_embeds(embeddings, labels))
+                rows.append(engine.classify_embeds(embeddings, text_embeds=text_embeds))
                 done_items += [items[index] for index in batch.indices]
             bar.update(len(batch.indices) + len(batch.failed))
     probs = np.concatenate(rows) if rows else np.zeros((0, len(labels)), np.float32)

@@ -285,8 +285,7 @@ class InferenceEngine:
             text_embeds = self.label_embeds(labels)
         if isinstance(image_embeds, np.ndarray):
             image_embeds = torch.from_numpy(image_embeds)
-        probs = zero_shot_scores(image_embeds.to(self.device).float(), text_embeds.to(self.device))
-        return probs.float().cpu().numpy()
+        return zero_shot_scores(image_embeds.to(self.device), text_embeds).cpu().numpy()
 
 
 def parse_labels(labels: str | Sequence[str]) -> list[str]:

@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
-from ..images import DECODE_ERRORS, ImageDataset, InputItem, ordered_loader
+from ..images import ImageDataset, InputItem, ordered_loader
 
 
 PREPROCESS_MODES = ("cpu", "gpu")
@@ -68,26 +68,23 @@ class RawImageDataset(ImageDataset):
     None), "bits" (8 or 16), "error"}`.
     """
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        try:
-            source = self.reader(index) if self.reader is not None else item.path
-            array = decode_raw(self.image_processor, source, item.path)
-        except DECODE_ERRORS as error:
-            message = str(error)
-            if item.path not in message:
-                message = f"{item.path}: {message}"
-            return {"index": index, "image": None, "bits": 0, "error": message}
+    failed_fields = {"image": None, "bits": 0}
+
+    def decode(self, source: Any, name: str) -> dict[str, Any]:
+        array = decode_raw(self.image_processor, source, name)
         if array.dtype == np.uint16:
-            return {"index": index, "image": torch.from_numpy(array.view(np.int16)), "bits": 16, "error": None}
-        return {"index": index, "image": torch.from_numpy(array), "bits": 8, "error": None}
+            return {"image": torch.from_numpy(array.view(np.int16)), "bits": 16}
+        return {"image": torch.from_numpy(array), "bits": 8}
 
 
 @dataclass
 class RawImageGroup:
-    """Images of one shape and bit depth: `positions` into the batch's `indices`, `images` [n, C, H, W]."""
+    """Images of one shape and bit depth: `positions` [n] (long) into the batch's `indices`, `images` [n, C, H, W].
 
-    positions: list[int]
+    Both are built in the DataLoader workers and pinned together, so the device gets its row indices by an
+    asynchronous copy too."""
+
+    positions: torch.Tensor
     images: torch.Tensor
     bits: int
 
@@ -96,24 +93,20 @@ class RawImageGroup:
 class RawImageBatch:
     """A collated batch of decoded (not yet preprocessed) images, grouped by shape; failures by dataset index.
 
-    `indices` lists the decoded images in batch order, like `chexficient.images.ImageBatch`; `pixel_values` is None
-    until `preprocess_raw_batch` fills it on a device.
+    `indices` lists the decoded images in batch order, like `chexficient.images.ImageBatch`.
     """
 
     indices: list[int]
     groups: list[RawImageGroup]
     failed: list[tuple[int, str]]
-    pixel_values: torch.Tensor | None = None
 
     def pin_memory(self) -> RawImageBatch:
-        """Called by DataLoader(pin_memory=True): page-lock the decoded pixels for asynchronous copies."""
+        """Called by DataLoader(pin_memory=True): page-lock the decoded pixels and their row indices for
+        asynchronous copies."""
         for group in self.groups:
             group.images = group.images.pin_memory()
+            group.positions = group.positions.pin_memory()
         return self
-
-    @property
-    def nbytes(self) -> int:
-        return sum(group.images.numel() * group.images.element_size() for group in self.groups)
 
 
 def collate_raw_images(records: list[dict[str, Any]]) -> RawImageBatch:
@@ -123,7 +116,9 @@ def collate_raw_images(records: list[dict[str, Any]]) -> RawImageBatch:
     for position, record in enumerate(good):
         buckets.setdefault((*record["image"].shape, record["bits"]), []).append(position)
     groups = [
-        RawImageGroup(positions, torch.stack([good[p]["image"] for p in positions]), key[-1])
+        RawImageGroup(
+            torch.tensor(positions, dtype=torch.long), torch.stack([good[p]["image"] for p in positions]), key[-1]
+        )
         for key, positions in buckets.items()
     ]
     failed = [(r["index"], r["error"]) for r in records if r["error"] is not None]
@@ -154,14 +149,6 @@ def to_unit_float(images: torch.Tensor, bits: int) -> torch.Tensor:
     return unsigned.to(torch.float32).div_(65535.0)
 
 
-def _device_index(positions: list[int], device: torch.device) -> torch.Tensor:
-    """Row indices on `device` without a blocking copy (a plain host-to-GPU copy would wait for the queued work)."""
-    rows = torch.tensor(positions, dtype=torch.long)
-    if device.type != "cuda":
-        return rows.to(device)
-    return rows.pin_memory().to(device, non_blocking=True)
-
-
 def preprocess_raw_batch(
     image_processor: Any,
     batch: RawImageBatch,
@@ -177,6 +164,7 @@ def preprocess_raw_batch(
     out: torch.Tensor | None = None
     for group in batch.groups:
         images = group.images.to(device, non_blocking=True)
+        positions = group.positions.to(device, non_blocking=True)
         for begin in range(0, images.shape[0], chunk_images):
             chunk = to_unit_float(images[begin : begin + chunk_images], group.bits)
             pixels = image_processor.preprocess_tensor(chunk)
@@ -187,8 +175,7 @@ def preprocess_raw_batch(
                     f"images of one batch preprocess to different shapes ({tuple(pixels.shape[1:])} vs "
                     f"{tuple(out.shape[1:])}); keep the image processor's centre crop on."
                 )
-            out.index_copy_(0, _device_index(group.positions[begin : begin + chunk_images], device), pixels.to(dtype))
-    batch.pixel_values = out
+            out.index_copy_(0, positions[begin : begin + chunk_images], pixels.to(dtype))
     return out
 
 
