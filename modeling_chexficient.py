@@ -2,6 +2,12 @@
 
 The towers are transformers' own `Dinov2Model` and `BertModel`; this file adds the linear projections, the learnable
 temperature, the curation prototypes, the contrastive loss and the zero-shot protocol of the released model.
+
+Importing it registers `CheXficientModel` with `AutoModelForZeroShotImageClassification` (`AutoModelForX.register`,
+transformers' supported way to map a custom config to a model class). `pipeline("zero-shot-image-classification")`
+checks the model's class against that Auto class's table and logs "not supported" for any other class; loading a
+folder by name with `trust_remote_code=True` registers the class already (the folder's `auto_map` names it), but a
+model object handed to the pipeline (loaded with `AutoModel`, or from this file) is only known through this call.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertModel, Dinov2Model, PreTrainedModel
+from transformers import AutoModelForZeroShotImageClassification, BertModel, Dinov2Model, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
@@ -309,7 +315,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
         """Embed a batch of images and reports and score every image against every report.
 
         The loss (with `return_loss=True`) is the single-process symmetric InfoNCE; distributed training gathers
-        embeddings across processes in `train/loss.py` instead.
+        embeddings across processes first (`curated_clip_loss` in the project's `chexficient/curation/loss.py`).
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("CheXficientModel.forward needs both `input_ids` and `pixel_values`.")
@@ -464,33 +470,56 @@ class CheXficientVisionModel(CheXficientPreTrainedModel):
 
 
 class CheXficientForImageClassification(CheXficientPreTrainedModel):
-    """The paper's linear probe: a frozen image encoder and a linear head on the L2-normalised CLS feature.
+    """The paper's linear probe: a linear head on the L2-normalised, projected image embedding.
+
+    The features are `CheXficientModel.get_image_features`: the image tower's pooled CLS output through
+    `visual_projection`, L2-normalised (`projection_dim`, 512 for the released model, the head size of the reference
+    code's probe). Both the image tower and the projection are frozen (no gradient, eval mode, dropout included), and
+    only `classifier` trains. `from_pretrained` on a CheXficient folder loads the tower and the projection and leaves
+    the text tower out; the head is new. `eval/linear_probe.py` trains this same head (`classifier_head`) on cached
+    embeddings and saves the probe as a folder of this class.
 
     `config.num_labels` sets the head size; `config.problem_type` picks the loss as in transformers
     (multi-label BCE for float multi-hot labels, cross-entropy for class indices, MSE for one regression output).
     """
 
-    _keys_to_ignore_on_load_unexpected = [
-        r"^text_model\.",
-        r"^text_projection\.",
-        r"^visual_projection\.",
-        r"^logit_scale",
-        r"^prototypes",
-    ]
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale", r"^prototypes"]
 
     def __init__(self, config: CheXficientConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vision_model = Dinov2Model(config.vision_config)
-        self.vision_model.requires_grad_(False)
-        self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=True)
+        self.classifier = self.classifier_head(config.projection_dim, config.num_labels)
+        self._freeze_encoder()
         self.post_init()
+
+    @staticmethod
+    def classifier_head(in_features: int, num_labels: int) -> nn.Linear:
+        """The probe's head, logits = W x + b over `in_features`-d features (PyTorch's default initialisation when
+        built alone, as `eval/linear_probe.py` does; the model's `_init_weights` when built inside the model)."""
+        return nn.Linear(in_features, num_labels)
+
+    def _freeze_encoder(self) -> None:
+        for frozen in (self.vision_model, self.visual_projection):
+            frozen.requires_grad_(False)  # loading may hand back trainable parameters
+            frozen.eval()
 
     def train(self, mode: bool = True) -> CheXficientForImageClassification:
         super().train(mode)
-        self.vision_model.eval()  # the encoder stays frozen, dropout included
-        self.vision_model.requires_grad_(False)  # loading may hand back trainable parameters
+        self._freeze_encoder()  # the encoder and its projection stay frozen, dropout included
         return self
+
+    @torch.no_grad()
+    def _embed(self, pixel_values: torch.FloatTensor, **tower_kwargs) -> tuple[Any, torch.FloatTensor]:
+        """The frozen tower's outputs and the normalised embedding [B, projection_dim], without autograd."""
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+        return outputs, F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """L2-normalised image embeddings [B, projection_dim], the features the head reads (the values of
+        `CheXficientModel.get_image_features` for the same weights)."""
+        return self._embed(pixel_values)[1]
 
     def forward(
         self,
@@ -504,12 +533,8 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
         """Logits [B, num_labels] from `pixel_values` [B, 3, H, W]; a loss when `labels` are given."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        with torch.no_grad():
-            outputs = self.vision_model(
-                pixel_values=pixel_values, return_dict=True, **{k: v for k, v in tower_kwargs.items() if v is not None}
-            )
-        features = F.normalize(outputs.pooler_output, dim=-1)
-        logits = self.classifier(features)
+        outputs, image_embeds = self._embed(pixel_values, **{k: v for k, v in tower_kwargs.items() if v is not None})
+        logits = self.classifier(image_embeds)
 
         loss = None
         if labels is not None:
@@ -537,35 +562,11 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
 CheXficientModel.register_for_auto_class("AutoModel")
 CheXficientForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
-
-def _zero_shot_pipeline_support() -> None:
-    """Let `pipeline("zero-shot-image-classification")` accept CheXficientModel without logging "not supported": the
-    pipeline checks a table of model class names. Best effort; nothing else depends on it."""
-    try:
-        from transformers.models.auto import modeling_auto
-
-        modeling_auto.MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(
-            "chexficient", "CheXficientModel"
-        )
-    except (ImportError, AttributeError):  # a transformers without this table
-        pass
-
-
-_zero_shot_pipeline_support()
+AutoModelForZeroShotImageClassification.register(CheXficientConfig, CheXficientModel, exist_ok=True)
 
 __all__ = [
-    "CHEXPERT_LABELS",
-    "NO_FINDING_REPORT_PROMPTS",
-    "ZERO_SHOT_PROMPTS",
     "CheXficientForImageClassification",
     "CheXficientModel",
-    "CheXficientOutput",
     "CheXficientPreTrainedModel",
     "CheXficientVisionModel",
-    "CheXficientVisionOutput",
-    "clip_loss",
-    "last_token_pool",
-    "resolve_prompt_templates",
-    "zero_shot_prompts",
-    "zero_shot_scores",
 ]

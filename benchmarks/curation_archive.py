@@ -4,7 +4,7 @@ CheXfull (every pair), through the real trainer, on the archive-like phantom cor
     python benchmarks/curation_archive.py --out-dir benchmarks/results/curation_archive          # about an hour
     python benchmarks/curation_archive.py --out-dir ... --reuse                                   # finished arms kept
 
-1. Data (`chexficient.phantom_archive`): a pool of repeated studies per patient with a dominant normal class and a
+1. Data (`chexficient.phantoms.archive`): a pool of repeated studies per patient with a dominant normal class and a
    long tail of rare findings; a disjoint "foundation" corpus (other patients); an i.i.d. test set (one study per
    patient) for zero-shot and retrieval; an i.i.d. labelled set for the linear probe.
 2. A foundation stage (`train/pretrain.py`, no curation) on the foundation corpus stands in for DINOv2 and
@@ -42,13 +42,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chexficient.curation.archive import knn_distances, near_duplicate_share, pca_2d  # noqa: E402
 from chexficient.curation.functions import concat_normalized  # noqa: E402
-from chexficient.images import make_image_loader  # noqa: E402
-from chexficient.machine import machine_info  # noqa: E402
+from chexficient.data.images import make_image_loader  # noqa: E402
+from chexficient.inference.curation_report import knn_distances, near_duplicate_share, pca_2d  # noqa: E402
 from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc  # noqa: E402
-from chexficient.phantom_archive import RARE_FINDINGS, archive_prompts, write_archive_dataset  # noqa: E402
 from chexficient.phantoms import PHANTOM_LABELS  # noqa: E402
+from chexficient.phantoms.archive import RARE_FINDINGS, archive_prompts, write_archive_dataset  # noqa: E402
+from chexficient.runtime.machine import machine_info  # noqa: E402
 from eval.linear_probe import FeatureSplit, evaluate_linear_probe, split_off_validation  # noqa: E402
 from eval.retrieval import deduplicate_texts, evaluate_retrieval  # noqa: E402
 

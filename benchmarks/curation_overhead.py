@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chexficient.curation import CurationConfig, PrototypeCurator  # noqa: E402
-from chexficient.machine import machine_info  # noqa: E402
-from chexficient.presets import load_json_preset  # noqa: E402
+from chexficient.runtime.machine import machine_info  # noqa: E402
+from chexficient.runtime.presets import load_json_preset  # noqa: E402
 from train.arguments import MODEL_CONFIG_DIR  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from stock_path import stock_image_features  # noqa: E402
 
-from chexficient.machine import machine_info  # noqa: E402
+from chexficient.runtime.machine import machine_info  # noqa: E402
 
 from configuration_chexficient import CheXficientConfig  # noqa: E402
 from image_processing_chexficient import CheXficientImageProcessor  # noqa: E402
@@ -117,7 +117,7 @@ def measure_engine(
     path: str, model_dir: Path, images: list[Path], batch_size: int, num_workers: int, latency_runs: int, device: str
 ) -> dict[str, Any]:
     """Our paths: batched embedding through the DataLoader, forward timed apart, then batch-1 latency."""
-    from chexficient.images import InputItem, make_image_loader
+    from chexficient.data.images import InputItem, make_image_loader
     from chexficient.inference.engine import InferenceEngine
 
     start = time.perf_counter()

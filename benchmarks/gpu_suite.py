@@ -24,7 +24,7 @@ Sections, each in its own process (so that peak memory is per section and one fa
                        at a larger batch.
 
 Each section records its peak memory: `torch.cuda.max_memory_allocated` on CUDA, the process's peak RSS on the CPU.
-The JSON also records the machine (`chexficient.machine.machine_info`).
+The JSON also records the machine (`chexficient.runtime.machine.machine_info`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from stock_path import stock_image_features  # noqa: E402
 
-from chexficient.machine import device_slug, machine_info  # noqa: E402
+from chexficient.runtime.machine import device_slug, machine_info  # noqa: E402
 
 
 SECTIONS = ("embedding", "pretrain_superbatch", "pretrain_accumulate", "llava")
@@ -246,7 +246,7 @@ def pretrain_phantom_count(s: dict[str, Any]) -> int:
 def section_embedding(workdir: Path, s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from transformers import AutoImageProcessor, AutoModel
 
-    from chexficient.images import InputItem
+    from chexficient.data.images import InputItem
     from chexficient.inference.engine import InferenceEngine
 
     model_dir, images = workdir / "model", sorted((workdir / "images").glob("*.png"))

@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chexficient.images import InputItem, make_image_loader  # noqa: E402
+from chexficient.data.images import InputItem, make_image_loader  # noqa: E402
 from chexficient.inference.engine import InferenceEngine  # noqa: E402
 from chexficient.inference.onnx_export import OnnxEmbedder, compare, export_onnx  # noqa: E402
-from chexficient.machine import machine_info  # noqa: E402
 from chexficient.phantoms import PHANTOM_LABELS, write_phantom_dataset  # noqa: E402
+from chexficient.runtime.machine import machine_info  # noqa: E402
 
 
 def macro_auroc(labels: pd.DataFrame, probs: np.ndarray, names: list[str]) -> dict[str, Any]:

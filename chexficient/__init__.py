@@ -9,12 +9,18 @@ The library behind the project's programs. The public API:
   `chexficient.curation.functions`);
 - `InferenceEngine`, batched embedding and zero-shot classification on CPU or GPU (the `chexficient` command).
 
-Modules: `images` (inputs and decoding, one error policy), `pairs` and `manifests` (image-report data),
-`phantoms` (synthetic radiographs), `runtime` (device, dtype, Accelerator), `presets` (argument presets),
-`checkpoints`, `subset`, `labels`, `metrics` (local `evaluate` modules), `bootstrap`, `results`, `convert`
-(reference checkpoints), `hub` (model cards, upload), `inference`, `cli`.
+Rooms, lowest first (a room imports only rooms below it; `tests/test_layout.py` holds the rule):
+- `curation` (pure: config, tensor functions, curator, sampler, loss; imports nothing else of the library),
+  `runtime` (machine facts, device/dtype/Accelerator, presets, checkpoints), `metrics` (local `evaluate` modules,
+  bootstrap CIs, results tables);
+- `data` (manifests, pairs, images and their error policy, labels, curated subsets);
+- `phantoms` (synthetic radiographs: render, corpus, archive);
+- `inference` (the engine and the commands: embed, classify, curate, serve, export-onnx), `hub` (model cards,
+  publishing, the reference-checkpoint converter);
+- `cli`, the `chexficient` command.
 """
 
+from . import moved_modules
 from .curation import CurationConfig, PrototypeCurator
 from .inference.engine import InferenceEngine
 from configuration_chexficient import CheXficientConfig
@@ -27,7 +33,9 @@ from modeling_chexficient import (
 from processing_chexficient import CheXficientProcessor
 
 
-__version__ = "0.2.0"
+moved_modules.install()
+
+__version__ = "0.3.0"
 
 __all__ = [
     "CheXficientConfig",

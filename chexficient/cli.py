@@ -1,4 +1,7 @@
-"""The `chexficient` command: embed, classify, serve, export-onnx. Everything runs from a local model folder."""
+"""The `chexficient` command: embed, classify, curate, serve, export-onnx. Everything runs from a local model folder.
+
+Every option is spelled in kebab case (`--super-batch-size`); the underscore spelling of earlier releases is
+accepted with a deprecation message."""
 
 from __future__ import annotations
 
@@ -75,15 +78,31 @@ TRAINING_ONLY = {
 
 
 def _curation_options() -> argparse.ArgumentParser:
-    """The curation settings as options: the fields of `CurationConfig`, the dataclass the curator reads."""
+    """The curation settings as kebab-case options: the fields of `CurationConfig`, the dataclass the curator reads
+    (typed as `HfArgumentParser` types them; the training-run fields are accepted, not shown)."""
     from transformers import HfArgumentParser
 
     from .curation import CurationConfig
 
-    parser = HfArgumentParser(CurationConfig, add_help=False)
-    for action in parser._actions:  # settings of a training run, not of the curator: accepted, not shown
-        if action.dest in TRAINING_ONLY:
-            action.help = argparse.SUPPRESS
+    parser = argparse.ArgumentParser(add_help=False)
+    for action in HfArgumentParser(CurationConfig, add_help=False)._actions:
+        flag = f"--{action.option_strings[0].lstrip('-').replace('_', '-')}"
+        shown = argparse.SUPPRESS if action.dest in TRAINING_ONLY else action.help
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # --no-curation
+            store = "store_true" if isinstance(action, argparse._StoreTrueAction) else "store_false"
+            parser.add_argument(flag, dest=action.dest, action=store, help=shown)
+            continue
+        parser.add_argument(
+            flag,
+            dest=action.dest,
+            type=action.type,
+            nargs=action.nargs,
+            const=action.const,
+            default=action.default,
+            choices=action.choices,
+            metavar=action.metavar,
+            help=shown,
+        )
     return parser
 
 
@@ -93,6 +112,35 @@ def _curation_config(args: argparse.Namespace):
     from .curation import CurationConfig
 
     return CurationConfig(**{f.name: getattr(args, f.name) for f in fields(CurationConfig)})
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser` and of its subcommands."""
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                found |= option_strings(subparser)
+    return found
+
+
+def kebab_case_flags(argv: Sequence[str], known: set[str]) -> list[str]:
+    """`argv` with the old underscore spelling of an option (`--super_batch_size`, `--num_prototypes=3`) rewritten
+    to the one spelling of every `chexficient` command (`--super-batch-size`), each with a deprecation message."""
+    rewritten = []
+    for position, token in enumerate(argv):
+        if token == "--":
+            return rewritten + list(argv[position:])
+        flag, equals, value = token.partition("=")
+        kebab = flag.replace("_", "-")
+        if flag.startswith("--") and kebab != flag and kebab in known and flag not in known:
+            print(
+                f"chexficient: {flag} is deprecated, use {kebab} (the underscore spelling goes away in 0.4).",
+                file=sys.stderr,
+            )
+            token = kebab + equals + value
+        rewritten.append(token)
+    return rewritten
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +226,8 @@ def _source(inputs: list[str]) -> str | list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `chexficient` console command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(kebab_case_flags(sys.argv[1:] if argv is None else argv, option_strings(parser)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach for the Hub
     try:
@@ -215,13 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary.line())
             return 0
         if args.command == "curate":
-            from .curation.archive import curate_archive
+            from .inference.curate import CurateOptions, curate_archive
 
-            report = curate_archive(
-                args.manifest,
-                args.model,
-                args.out,
-                _curation_config(args),
+            options = CurateOptions(
                 super_batch_size=args.super_batch_size,
                 seed=args.seed,
                 image_root=args.image_root,
@@ -231,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 progress=not args.no_progress,
             )
+            report = curate_archive(args.manifest, args.model, args.out, _curation_config(args), options)
             print(
                 f"kept {report['kept']} of {report['considered']} pairs ({report['share_kept']:.1%}) -> "
                 f"{Path(args.out) / report['subset_manifest']}; report in {Path(args.out) / 'report.md'}"

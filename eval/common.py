@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chexficient.images import make_image_loader
+from chexficient.data.images import make_image_loader
 from chexficient.runtime import resolve_device
+from eval.arguments import EvalArguments
 
 
 logger = logging.getLogger(__name__)
@@ -177,8 +178,10 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
 
-def run_task_cli(arguments_class: type, run: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None) -> dict:
-    """The command line of an evaluation task: logging, its `HfArgumentParser` dataclass, then `run(args)`."""
+def run_task_cli(
+    arguments_class: type[EvalArguments], run: Callable[[Any], dict[str, Any]], argv: Sequence[str] | None
+) -> dict:
+    """The command line of an evaluation task: logging, its `EvalArguments` dataclass, then `run(args)`."""
     import sys
 
     from transformers import HfArgumentParser

@@ -6,10 +6,24 @@ with AdamW on 1-100% of the training labels over several seeds, AUROC on the tes
 The head is selected on the validation split (the dataset's own, or a fixed share of the training split) by macro
 AUROC after each epoch. Writes `linear_probe_<dataset>.json` and a markdown table; the feature cache is reused by
 later runs with the same model weights, dataset split and feature kind.
+
+The head is `CheXficientForImageClassification.classifier_head`, the layer of the model's own linear probe. With
+`--features embedding` (the default) on a CheXficient model it reads the same L2-normalised, projected embedding as
+`CheXficientForImageClassification`, so the trained probe is saved as that class (`--save_probe`, on by default):
+`OUT/<dataset>_probe/` holds the evaluated model's image tower and projection, the head of the largest label
+fraction's run with the best validation macro AUROC (the first seed on a tie), `id2label`/`label2id` and
+`problem_type="multi_label_classification"`, and the image processor, so that
+
+    CheXficientForImageClassification.from_pretrained("OUT/phantom_probe")  # sigmoid(logits): probabilities
+    pipeline("image-classification", model="OUT/phantom_probe", trust_remote_code=True)
+
+load it. The JSON's `probe` names the folder, the label fraction and the seed (null with `--features backbone` or
+another HF encoder, whose head sits on the raw pooled output and has no model class here).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -22,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from eval.arguments import EvalArguments
 
 
 logger = logging.getLogger(__name__)
@@ -126,9 +142,11 @@ def train_linear_head(
     """AdamW on a linear head over frozen features; returns the head of the best validation epoch and the history."""
     from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
+    from modeling_chexficient import CheXficientForImageClassification
+
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(train.features.shape[1], train.targets.shape[1])
+    head = CheXficientForImageClassification.classifier_head(train.features.shape[1], train.targets.shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     features, targets = train.features.float(), torch.as_tensor(train.targets, dtype=torch.float32)
     best_state, best_score, history = None, -np.inf, []
@@ -166,9 +184,11 @@ def evaluate_linear_probe(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     num_resamples: int = 500,
+    heads: dict[tuple[float, int], torch.nn.Linear] | None = None,
 ) -> dict[str, Any]:
-    """Test AUROC per label fraction: mean ± 1.96·SE over seeds, and a bootstrap CI for every (fraction, seed)."""
-    from chexficient.bootstrap import bootstrap_ci, seed_summary
+    """Test AUROC per label fraction: mean ± 1.96·SE over seeds, and a bootstrap CI for every (fraction, seed).
+    `heads`, when given, receives each run's trained head under (fraction, seed)."""
+    from chexficient.metrics.bootstrap import bootstrap_ci, seed_summary
     from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     results: dict[str, Any] = {}
@@ -180,6 +200,8 @@ def evaluate_linear_probe(
         head, history = train_linear_head(
             subset, val, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed
         )
+        if heads is not None:
+            heads[(fraction, seed)] = head
         with torch.no_grad():
             scores = torch.sigmoid(head(test.features.float())).numpy()
         point = multilabel_auc(scores, test.targets, labels)
@@ -218,8 +240,43 @@ def evaluate_linear_probe(
     return results
 
 
+def probe_run(metrics: dict[str, Any]) -> tuple[float, int]:
+    """The run whose head is saved as the probe: the largest label fraction, the seed of the best validation macro
+    AUROC (its best epoch; the first seed on a tie or when every score is undefined)."""
+    entry = max(metrics.values(), key=lambda e: e["label_fraction"])
+
+    def best_val(run: dict[str, Any]) -> float:
+        scores = [h["val_macro_auroc"] for h in run["history"] if not np.isnan(h["val_macro_auroc"])]
+        return max(scores, default=-np.inf)
+
+    run = max(entry["runs"], key=best_val)  # max keeps the first of equal scores
+    return entry["label_fraction"], run["seed"]
+
+
+def save_probe(loaded: Any, head: torch.nn.Linear, labels: Sequence[str], folder: str | os.PathLike) -> str:
+    """The evaluated CheXficient model's image tower and projection with a trained `head`, saved as a
+    `CheXficientForImageClassification` folder (multi-label, `id2label` from `labels`) with the image processor."""
+    from modeling_chexficient import CheXficientForImageClassification
+
+    config = copy.deepcopy(loaded.model.config)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    config.problem_type = "multi_label_classification"
+    probe = CheXficientForImageClassification(config)
+    state = {
+        name: value
+        for name, value in loaded.model.state_dict().items()
+        if name.startswith(("vision_model.", "visual_projection."))
+    }
+    state.update({f"classifier.{name}": value for name, value in head.state_dict().items()})
+    probe.load_state_dict(state, strict=True)
+    probe.save_pretrained(folder)
+    loaded.image_processor.save_pretrained(folder)
+    return str(folder)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    from chexficient.results import format_ci
+    from chexficient.metrics.results import format_ci
 
     lines = [
         f"### Linear probe: {result['dataset']} ({result['num_test']} test images, {len(result['seeds'])} seeds,"
@@ -237,10 +294,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 @dataclass
-class LinearProbeArguments:
-    model: str = field(metadata={"help": "CheXficient folder, or any HF image encoder folder."})
-    dataset: str = field(metadata={"help": "Classification adapter name (see eval/datasets/)."})
-    root: str = field(metadata={"help": "Root folder of the dataset."})
+class LinearProbeArguments(EvalArguments):
     train_split: str = field(default="train", metadata={"help": "Split the head is trained on."})
     val_split: str = field(
         default="", metadata={"help": "Validation split; empty: a fixed share (val_fraction) of the training split."}
@@ -262,11 +316,14 @@ class LinearProbeArguments:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     encode_batch_size: int = field(default=64, metadata={"help": "Images per encoder forward pass."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    out_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON and markdown go."})
     cache_dir: str = field(default="", metadata={"help": "Feature cache folder (default: OUT_DIR/features)."})
-    num_resamples: int = field(default=500, metadata={"help": "Bootstrap resamples per run."})
+    save_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "With embedding features of a CheXficient model: save the probe as a "
+            "CheXficientForImageClassification folder, OUT_DIR/<dataset>_probe."
+        },
+    )
 
     def __post_init__(self):
         self.label_fraction_values = [float(v) for v in self.label_fractions.split(",") if v.strip()]
@@ -299,7 +356,8 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
         )
         labels = data.labels
     if "val" not in splits:
-        splits["train"], splits["val"] = split_off_validation(splits["train"], args.val_fraction)
+        splits["train"], splits["val"] = split_off_validation(splits["train"], args.val_fraction, seed=args.seed)
+    heads: dict[tuple[float, int], torch.nn.Linear] = {}
     metrics = evaluate_linear_probe(
         splits["train"],
         splits["val"],
@@ -312,7 +370,13 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
         lr=args.lr,
         weight_decay=args.weight_decay,
         num_resamples=args.num_resamples,
+        heads=heads,
     )
+    probe = None
+    if args.save_probe and loaded.is_chexficient and args.features == "embedding":
+        fraction, seed = probe_run(metrics)
+        folder = save_probe(loaded, heads[(fraction, seed)], labels, Path(args.out_dir) / f"{args.dataset}_probe")
+        probe = {"path": folder, "label_fraction": fraction, "seed": seed}
     result = {
         "task": "linear_probe",
         "dataset": args.dataset,
@@ -331,6 +395,7 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
             "weight_decay": args.weight_decay,
         },
         "metrics": metrics,
+        "probe": probe,
     }
     return publish_result(result, markdown_table(result), args.out_dir, f"linear_probe_{args.dataset}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chexficient.results import load_results, model_index_entries, plot_per_class_auroc, results_markdown
+from chexficient.metrics.results import load_results, model_index_entries, plot_per_class_auroc, results_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> str:

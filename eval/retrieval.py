@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eval.arguments import EvalArguments
+
 
 def deduplicate_texts(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Distinct texts in first-seen order and, for every input, the index of its distinct text."""
@@ -37,7 +39,7 @@ def evaluate_retrieval(
 
     CIs resample the queries (images for image-to-text, distinct texts for text-to-image); the gallery stays whole.
     """
-    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.bootstrap import bootstrap_ci
     from chexficient.metrics.retrieval_recall.retrieval_recall import retrieval_ranks, retrieval_recall
 
     similarity = (image_embeds.float() @ text_embeds.float().T).numpy()  # [N, T] cosine (both normalised)
@@ -61,7 +63,7 @@ def evaluate_retrieval(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from chexficient.results import format_ci
+    from chexficient.metrics.results import format_ci
 
     metrics = result["metrics"]
     names = [name for name in metrics["image_to_text"] if name.startswith("recall@")] + ["mean_rank"]
@@ -83,16 +85,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 @dataclass
-class RetrievalArguments:
-    model: str = field(metadata={"help": "CheXficient folder."})
-    dataset: str = field(metadata={"help": "Retrieval adapter: chexpert_5x200, mimic or phantom."})
-    root: str = field(metadata={"help": "Root folder of the dataset."})
-    out_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON and markdown go."})
+class RetrievalArguments(EvalArguments):
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    num_resamples: int = field(default=500, metadata={"help": "Bootstrap resamples for the CIs."})
-    seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
 
 
 def run_retrieval(args: RetrievalArguments) -> dict[str, Any]:

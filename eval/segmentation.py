@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from chexficient.images import DECODE_ERRORS, ImageBatch, ImageDataset, collate_images, ordered_loader
+from chexficient.data.images import DECODE_ERRORS, ImageBatch, ImageDataset, collate_images, ordered_loader
+from eval.arguments import EvalArguments
 
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def mask_to_model_grid(masks: np.ndarray, image_processor: Any) -> np.ndarray:
 
 class SegmentationImageDataset(ImageDataset):
     """(pixel_values, masks) of a SegmentationSet; a bad image or mask yields an error record (the project's one
-    decode-error policy, `chexficient.images.DECODE_ERRORS`)."""
+    decode-error policy, `chexficient.data.images.DECODE_ERRORS`)."""
 
     def __init__(self, data: Any, image_processor: Any):
         size = getattr(image_processor, "size", None) or {}
@@ -274,7 +275,7 @@ def evaluate_segmentation(
     predictions: np.ndarray, references: np.ndarray, classes: Sequence[str], *, num_resamples: int = 500, seed: int = 0
 ) -> dict[str, Any]:
     """Per-class and mean Dice of binary masks [N, K, h, w], with percentile-bootstrap CIs over images."""
-    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.bootstrap import bootstrap_ci
     from chexficient.metrics.dice.dice import dice_per_image, summarize_dice
 
     per_image = dice_per_image(predictions, references)  # [N, K]
@@ -289,7 +290,7 @@ def evaluate_segmentation(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    from chexficient.results import format_ci
+    from chexficient.metrics.results import format_ci
 
     metrics = result["metrics"]
     lines = [
@@ -308,24 +309,14 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 @dataclass
-class SegmentationArguments:
-    model: str = field(metadata={"help": "CheXficient folder, or any HF ViT image encoder folder."})
-    dataset: str = field(
-        metadata={"help": "Segmentation adapter: jsrt, siim_ptx, vindr_ribcxr, phantom_segmentation."}
-    )
-    root: str = field(metadata={"help": "Root folder of the dataset."})
+class SegmentationArguments(EvalArguments):
     num_levels: int = field(default=5, metadata={"help": "How many of the last encoder layers feed the decoder."})
     decoder_channels: str = field(default="256,128,64,32,16", metadata={"help": "Channels per decoder stage."})
     epochs: int = field(default=30, metadata={"help": "Decoder training epochs."})
     batch_size: int = field(default=8, metadata={"help": "Decoder training batch size."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
-    seed: int = field(default=0, metadata={"help": "Seed of the decoder's initialisation and batch order."})
     encode_batch_size: int = field(default=16, metadata={"help": "Images per encoder forward pass."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    out_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON and markdown go."})
-    num_resamples: int = field(default=500, metadata={"help": "Bootstrap resamples for the CIs."})
 
     def __post_init__(self):
         self.channel_values = [int(v) for v in self.decoder_channels.split(",") if v.strip()]

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from eval.arguments import EvalArguments
+
 
 def load_prompts(spec: str) -> str | tuple[tuple[str, str], ...]:
     """A preset name of the model's `ZERO_SHOT_PROMPTS` ("paper", "report"), or a JSON file holding a list of
@@ -50,7 +52,7 @@ def evaluate_zero_shot(
 ) -> dict[str, Any]:
     """AUROC and AUPRC (per class and macro) of `scores` [N, C] against `targets` [N, C] in {1, 0, -1}, with
     percentile-bootstrap CIs over images."""
-    from chexficient.bootstrap import bootstrap_ci
+    from chexficient.metrics.bootstrap import bootstrap_ci
     from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
 
     point = multilabel_auc(scores, targets, labels)
@@ -72,7 +74,7 @@ def evaluate_zero_shot(
 
 def markdown_table(result: dict[str, Any]) -> str:
     """Per-class AUROC / AUPRC with 95% CIs and the macro row."""
-    from chexficient.results import format_ci
+    from chexficient.metrics.results import format_ci
 
     metrics = result["metrics"]
     lines = [
@@ -96,20 +98,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 @dataclass
-class ZeroShotArguments:
-    model: str = field(metadata={"help": "CheXficient folder (save_pretrained / converter output)."})
-    dataset: str = field(metadata={"help": "Dataset adapter name, e.g. chexpert, mimic, nih, vindr_cxr, phantom."})
-    root: str = field(metadata={"help": "Root folder of the dataset in its official layout."})
+class ZeroShotArguments(EvalArguments):
     split: str = field(default="test", metadata={"help": "Dataset split."})
-    out_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON and markdown go."})
     prompts: str = field(
         default="paper", metadata={"help": "Prompt preset (paper, report) or a JSON file of [positive, negative]."}
     )
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    num_resamples: int = field(default=500, metadata={"help": "Bootstrap resamples for the CIs."})
-    seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
 
 
 def run_zero_shot(args: ZeroShotArguments) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chexficient.images import decode_image
-from chexficient.manifests import clean_text
+from chexficient.data.images import decode_image
+from chexficient.data.manifests import clean_text
 from llava_rad.prompt import IMAGE_TOKEN, TEMPLATES, build_instruction, conversation_text
 
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from chexficient.images import InputItem, make_image_loader
+from chexficient.data.images import InputItem, make_image_loader
 from llava_rad.data import ReportExample
 from llava_rad.model import vision_features
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script
 
 from transformers import AutoTokenizer, HfArgumentParser, LlavaForConditionalGeneration
 
-from chexficient.images import InputItem, make_image_loader
+from chexficient.data.images import InputItem, make_image_loader
 from chexficient.runtime import torch_dtype
 from llava_rad.data import ReportExample, load_examples, prompt_ids
 from llava_rad.model import IMAGE_PROCESSOR_FIELDS, RUN_INFO_FILENAME, build_processor

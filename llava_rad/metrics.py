@@ -6,12 +6,12 @@
 
 BLEU-1/4 and ROUGE-L always run (offline packages). BERTScore, CheXbert F1-14/5 and RadGraph F1 run when their
 local paths are given; asking for one without its files (or package) is an error that names what is missing,
-never a silent zero. Each metric is also a local `evaluate` module under llava_rad/metric_modules/ (`load_metric`).
+never a silent zero. Each metric is also a local `evaluate` module under llava_rad/metric_modules/:
+`chexficient.metrics.load_metric(name, folder=METRIC_MODULES_DIR)`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -26,25 +26,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chexficient.bootstrap import bootstrap_ci
+from chexficient.metrics.bootstrap import bootstrap_ci
 from llava_rad.metric_modules.chexbert_f1.chexbert_f1 import CheXbertLabeler, chexbert_f1_from_labels
 from llava_rad.metric_modules.radgraph_f1.radgraph_f1 import radgraph_f1_scores
 from llava_rad.metric_modules.report_bertscore.report_bertscore import bertscore_f1
 from llava_rad.metric_modules.report_lexical.report_lexical import bleu, rouge_l_scores
 
 
-METRICS_DIR = Path(__file__).resolve().parent / "metric_modules"
-METRIC_NAMES = ("report_lexical", "report_bertscore", "chexbert_f1", "radgraph_f1")
-
-
-@functools.cache
-def load_metric(name: str):
-    """The `evaluate` module `name` (one of METRIC_NAMES), loaded once per process from llava_rad/metric_modules."""
-    import evaluate
-
-    if name not in METRIC_NAMES:
-        raise ValueError(f"unknown metric {name!r}; the report metrics are {list(METRIC_NAMES)}.")
-    return evaluate.load(str(METRICS_DIR / name))
+METRIC_MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"  # report_lexical, report_bertscore, ...
 
 
 def evaluate_reports(

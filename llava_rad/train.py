@@ -12,6 +12,7 @@ under `adapter/`. Both write `llava_rad.json` (where the tower and LM came from)
 `python -m llava_rad.export`. Under DeepSpeed ZeRO-3 (`--config_file llava_rad/configs/accelerate_zero3.yaml`) the
 trained tensors are gathered from their partitions before saving, so the outputs are the same full tensors.
 `--features_dir` encodes the images once with the frozen tower and trains from the stored features.
+The arguments are the dataclasses of llava_rad/arguments.py; `--config NAME` reads a preset of llava_rad/configs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,19 @@ from torch import nn
 if __package__ in (None, ""):  # `accelerate launch llava_rad/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from chexficient.checkpoints import checkpoint_record, find_checkpoint, save_checkpoint
-from chexficient.presets import parse_with_presets
 from chexficient.runtime import make_accelerator, torch_dtype
+from chexficient.runtime.checkpoints import checkpoint_record, find_checkpoint, save_checkpoint
+from llava_rad.arguments import LlavaRadArguments, LoraArguments, ModelArguments, parse_arguments
 from llava_rad.data import LlavaRadCollator, LlavaRadDataset, load_examples
 from llava_rad.features import FeatureStore, compute_feature_store, merge_feature_index, tower_fingerprint
 from llava_rad.model import (
-    DEFAULT_LANGUAGE_MODEL,
     PROJECTOR_FILENAME,
     LlavaRadSources,
     apply_lora,
@@ -61,95 +62,6 @@ from llava_rad.model import (
 
 logger = get_logger(__name__)  # inside main(), where Accelerate is initialised
 library_logger = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-STAGES = {
-    "align": {"lr": 1e-3, "epochs": 1, "template": "plain"},
-    "finetune": {"lr": 1e-4, "epochs": 3, "template": "v1"},
-}
-
-
-@dataclass
-class ModelArguments:
-    chexficient: str = field(metadata={"help": "saved CheXficient folder whose image encoder becomes the tower"})
-    language_model: str = field(
-        default=DEFAULT_LANGUAGE_MODEL, metadata={"help": "Llama-family causal LM (folder/name)"}
-    )
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or name (default: the LM's)"})
-    image_size: int | None = field(default=None, metadata={"help": "crop size (default: the CheXficient config's)"})
-    projector_path: str | None = field(
-        default=None, metadata={"help": "stage 2: the stage-1 folder (or its projector.safetensors) to start from"}
-    )
-    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
-    attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute LM activations in backward"})
-
-    def __post_init__(self):
-        torch_dtype(self.dtype, "--dtype")
-
-
-@dataclass
-class DataArguments:
-    train_data: str = field(metadata={"help": "LLaVA-Rad conversation .json or (image, findings, indication) .csv"})
-    image_root: str | None = field(default=None, metadata={"help": "folder the image paths are relative to"})
-    frontal_only: bool = field(default=True, metadata={"help": "JSON: keep AP/PA views only"})
-    max_length: int = field(default=2048, metadata={"help": "longest tokenized sequence (image tokens included)"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N examples"})
-    features_dir: str | None = field(
-        default=None, metadata={"help": "train from precomputed tower features stored here (computed if missing)"}
-    )
-    feature_dtype: str = field(default="bfloat16", metadata={"help": "dtype of stored features"})
-    feature_batch_size: int = field(default=32, metadata={"help": "images per batch when computing features"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
-
-    def __post_init__(self):
-        torch_dtype(self.feature_dtype, "--feature_dtype")
-
-
-@dataclass
-class LoraArguments:
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank (stage 2)"})
-    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (stage 2)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (stage 2)"})
-
-
-@dataclass
-class TrainArguments:
-    stage: str = field(default="align", metadata={"help": "align (stage 1) or finetune (stage 2)"})
-    output_dir: str = field(default="outputs/llava_rad/stage1", metadata={"help": "where the stage's output goes"})
-    template: str | None = field(default=None, metadata={"help": "plain or v1 (default: plain for align, v1 else)"})
-    num_epochs: int | None = field(default=None, metadata={"help": "default: 1 (align) or 3 (finetune)"})
-    learning_rate: float | None = field(default=None, metadata={"help": "default: 1e-3 (align) or 1e-4 (finetune)"})
-    per_device_batch_size: int = field(default=16, metadata={"help": "micro-batch per process"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up share of the steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (Accelerate)"})
-    cpu: bool = field(default=False, metadata={"help": "force the CPU"})
-    seed: int = field(default=0, metadata={"help": "data order and initialisation"})
-    logging_steps: int = field(default=10, metadata={"help": "log the loss every N optimizer steps"})
-    save_steps: int | None = field(default=None, metadata={"help": "Accelerate checkpoint every N steps"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
-    report_to: str = field(default="none", metadata={"help": "Accelerate tracker (tensorboard, wandb, none)"})
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"--stage must be one of {list(STAGES)}, got {self.stage!r}.")
-        defaults = STAGES[self.stage]
-        self.template = self.template or defaults["template"]
-        self.num_epochs = self.num_epochs or defaults["epochs"]
-        self.learning_rate = self.learning_rate or defaults["lr"]
-
-
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainArguments)
-
-
-def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, LoraArguments, TrainArguments]:
-    """Parse `argv`; `--config FILE.yaml` (or a preset name from llava_rad/configs) supplies defaults first."""
-    return parse_with_presets(ARGUMENT_CLASSES, CONFIG_DIR, argv)
 
 
 class LlavaRadForTraining(nn.Module):
@@ -275,31 +187,59 @@ def save_stage_output(accelerator, module, processor, sources, stage, output_dir
     sources.save(output_dir, stage=stage, **record)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, lora_args, train_args = parse_arguments(argv)
-    output_dir = Path(train_args.output_dir)
-    accelerator = make_accelerator(
-        cpu=train_args.cpu,
-        mixed_precision=train_args.mixed_precision,
-        output_dir=output_dir,
-        report_to=train_args.report_to,
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
-    )
-    set_seed(train_args.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
+# ----- the steps of main() ------------------------------------------------------------------------------------------
 
+
+@dataclass
+class TrainingRun:
+    """The training loop's objects, prepared by Accelerate, and where the run stands (in optimizer steps)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    total_steps: int
+    global_step: int = 0
+    start_epoch: int = 0
+    skip_batches: int = 0  # micro-batches of `start_epoch` already trained on (a resumed run)
+
+
+def set_up(args: LlavaRadArguments) -> Accelerator:
+    """The Accelerator (mixed precision, accumulation, a seeded sampler), the global seed and the output folder."""
+    accelerator = make_accelerator(
+        cpu=args.train.cpu,
+        mixed_precision=args.train.mixed_precision,
+        output_dir=args.output_dir,
+        report_to=args.train.report_to,
+        gradient_accumulation_steps=args.train.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.train.seed),
+    )
+    set_seed(args.train.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def build_model(args: LlavaRadArguments, accelerator: Accelerator) -> tuple[nn.Module, Any, LlavaRadSources]:
+    """The Llava model (CheXficient tower + projector + LM), its processor, and where its parts came from."""
     sources = LlavaRadSources(
-        chexficient=model_args.chexficient,
-        language_model=model_args.language_model,
-        tokenizer=model_args.tokenizer,
-        image_size=model_args.image_size,
+        chexficient=args.model.chexficient,
+        language_model=args.model.language_model,
+        tokenizer=args.model.tokenizer,
+        image_size=args.model.image_size,
     )
     with whole_model_init(accelerator):
         model, processor = build_llava_rad(
-            sources, dtype=torch_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
+            sources, dtype=torch_dtype(args.model.dtype), attn_implementation=args.model.attn_implementation
         )
-    image_seq_length = model.config.image_seq_length
+    return model, processor, sources
+
+
+def build_dataset(
+    args: LlavaRadArguments, model: nn.Module, processor: Any, accelerator: Accelerator
+) -> LlavaRadDataset:
+    """The tokenized training examples; images go through the image processor, or come from the feature store."""
+    data_args = args.data
     load_kwargs = {"frontal_only": data_args.frontal_only} if data_args.train_data.endswith(".json") else {}
     examples = load_examples(data_args.train_data, data_args.image_root, **load_kwargs)
     if data_args.max_train_samples:
@@ -307,27 +247,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_source: dict[str, Any] = {"image_processor": processor.image_processor}
     if data_args.features_dir:
         image_source = {"feature_store": prepare_features(model, examples, processor, data_args, accelerator)}
-    dataset = LlavaRadDataset(
+    return LlavaRadDataset(
         examples,
         processor.tokenizer,
-        image_seq_length,
-        template=train_args.template,
+        model.config.image_seq_length,
+        template=args.train.template,
         max_length=data_args.max_length,
         **image_source,
     )
-    with whole_model_init(accelerator):
-        model = setup_stage(model, model_args, lora_args, train_args.stage)
-    module = LlavaRadForTraining(model)
-    trainable = trainable_parameter_names(module)
-    num_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    logger.info(f"stage {train_args.stage}: {num_trainable:,} trainable parameters in {len(trainable)} tensors")
 
+
+def prepare_stage_model(
+    args: LlavaRadArguments, model: nn.Module, accelerator: Accelerator
+) -> tuple[LlavaRadForTraining, dict[str, int]]:
+    """The stage's trainable model (`setup_stage`) in the training wrapper, and how much of it trains (counted
+    before ZeRO-3 partitions it)."""
+    with whole_model_init(accelerator):
+        model = setup_stage(model, args.model, args.lora, args.train.stage)
+    module = LlavaRadForTraining(model)
+    trainable = {
+        "trainable_tensors": len(trainable_parameter_names(module)),
+        "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
+    logger.info(
+        f"stage {args.train.stage}: {trainable['trainable_parameters']:,} trainable parameters"
+        f" in {trainable['trainable_tensors']} tensors"
+    )
+    return module, trainable
+
+
+def prepare_training(
+    args: LlavaRadArguments, module: nn.Module, dataset: LlavaRadDataset, pad_token_id: int, accelerator: Accelerator
+) -> TrainingRun:
+    """Loader, AdamW on the trainable parameters and the cosine schedule, prepared by Accelerate."""
+    train_args = args.train
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=train_args.per_device_batch_size,
         shuffle=True,
-        collate_fn=LlavaRadCollator(processor.tokenizer.pad_token_id),
-        num_workers=data_args.num_workers,
+        collate_fn=LlavaRadCollator(pad_token_id),
+        num_workers=args.data.num_workers,
         generator=torch.Generator().manual_seed(train_args.seed),
         drop_last=False,
     )
@@ -348,39 +307,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer, warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
     )
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    return TrainingRun(module, optimizer, loader, scheduler, steps_per_epoch, total_steps)
 
-    global_step, start_epoch, skip_batches = 0, 0, 0
-    if train_args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(train_args.resume_from_checkpoint, output_dir)
-        global_step = int(checkpoint_record(checkpoint)["global_step"])
-        accelerator.load_state(str(checkpoint))
-        start_epoch, done = divmod(global_step, steps_per_epoch)
-        skip_batches = done * train_args.gradient_accumulation_steps
-        logger.info(f"resumed from {checkpoint} at step {global_step}")
+
+def resume(run: TrainingRun, args: LlavaRadArguments, accelerator: Accelerator) -> None:
+    """With --resume_from_checkpoint: load the Accelerate state and move `run` to the checkpoint's step."""
+    if not args.train.resume_from_checkpoint:
+        return
+    checkpoint = find_checkpoint(args.train.resume_from_checkpoint, args.output_dir)
+    run.global_step = int(checkpoint_record(checkpoint)["global_step"])
+    accelerator.load_state(str(checkpoint))
+    run.start_epoch, done = divmod(run.global_step, run.steps_per_epoch)
+    run.skip_batches = done * args.train.gradient_accumulation_steps
+    logger.info(f"resumed from {checkpoint} at step {run.global_step}")
+
+
+def record_arguments(args: LlavaRadArguments, accelerator: Accelerator) -> None:
+    """`arguments.json` in the output folder, and the tracker's run config."""
     if accelerator.is_main_process:
-        record = {
-            "model": asdict(model_args),
-            "data": asdict(data_args),
-            "lora": asdict(lora_args),
-            "train": asdict(train_args),
-        }
-        (output_dir / "arguments.json").write_text(json.dumps(record, indent=2))
+        (args.output_dir / "arguments.json").write_text(json.dumps(asdict(args), indent=2))
     if accelerator.log_with:
-        accelerator.init_trackers("llava_rad", config={k: v for k, v in asdict(train_args).items() if v is not None})
+        accelerator.init_trackers("llava_rad", config={k: v for k, v in asdict(args.train).items() if v is not None})
 
+
+def train_loop(run: TrainingRun, args: LlavaRadArguments, accelerator: Accelerator) -> list[float]:
+    """Train until `run.total_steps` optimizer steps; returns the loss of every step (mean over processes)."""
+    train_args, module = args.train, run.module
     module.train()
     accelerator.unwrap_model(module).tower.eval()  # frozen: no dropout / drop-path in the tower
     step_losses: list[torch.Tensor] = []  # this process's mean loss per optimizer step, kept on the device
-    running, running_count, started = torch.zeros((), device=accelerator.device), 0, time.time()
+    running, running_count = torch.zeros((), device=accelerator.device), 0
     progress = tqdm(
-        total=total_steps, initial=global_step, desc=f"{train_args.stage}", disable=not accelerator.is_main_process
+        total=run.total_steps, initial=run.global_step, desc=train_args.stage, disable=not accelerator.is_main_process
     )
-    for epoch in range(start_epoch, train_args.num_epochs):
-        if global_step >= total_steps:
+    for epoch in range(run.start_epoch, train_args.num_epochs):
+        if run.global_step >= run.total_steps:
             break
-        loader.set_epoch(epoch)  # the epoch's shuffle depends on (seed, epoch) only, so a resumed run sees it again
-        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        skip_batches = 0
+        run.loader.set_epoch(epoch)  # the epoch's shuffle depends on (seed, epoch) only: a resumed run sees it again
+        epoch_loader = accelerator.skip_first_batches(run.loader, run.skip_batches) if run.skip_batches else run.loader
+        run.skip_batches = 0
         for batch in epoch_loader:
             batch.pop("ids")
             with accelerator.accumulate(module):
@@ -388,43 +353,58 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(module.parameters(), train_args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad()
             running = running + loss.detach().float()  # no host sync per micro-batch
             running_count += 1
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
+            run.global_step += 1
             progress.update(1)
             step_losses.append(running / running_count)
             running, running_count = torch.zeros_like(running), 0
-            if global_step % train_args.logging_steps == 0 or global_step == 1:
+            if run.global_step % train_args.logging_steps == 0 or run.global_step == 1:
                 step_loss = float(accelerator.gather(step_losses[-1].reshape(1)).mean())  # mean over processes
-                lr = scheduler.get_last_lr()[0]
-                logger.info(f"epoch {epoch} step {global_step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
-                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=global_step)
-            if train_args.save_steps and global_step % train_args.save_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, {"global_step": global_step})
-            if global_step >= total_steps:
+                lr = run.scheduler.get_last_lr()[0]
+                logger.info(f"epoch {epoch} step {run.global_step}/{run.total_steps} loss {step_loss:.4f} lr {lr:.2e}")
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=run.global_step)
+            if train_args.save_steps and run.global_step % train_args.save_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, run.global_step, {"global_step": run.global_step})
+            if run.global_step >= run.total_steps:
                 break
     progress.close()
     # one gather for the whole run: [processes, steps] -> the mean over processes per step
-    losses = accelerator.gather(torch.stack(step_losses)[None]).mean(0).tolist() if step_losses else []
+    return accelerator.gather(torch.stack(step_losses)[None]).mean(0).tolist() if step_losses else []
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """One stage: set-up, the model and the data, the stage's trainable part, the training loop, the outputs."""
+    args = parse_arguments(argv)
+    accelerator = set_up(args)
+    model, processor, sources = build_model(args, accelerator)
+    dataset = build_dataset(args, model, processor, accelerator)
+    module, trainable = prepare_stage_model(args, model, accelerator)
+    run = prepare_training(args, module, dataset, processor.tokenizer.pad_token_id, accelerator)
+    resume(run, args, accelerator)
+    record_arguments(args, accelerator)
+
+    started = time.time()
+    losses = train_loop(run, args, accelerator)
     summary = {
-        "stage": train_args.stage,
-        "steps": global_step,
+        "stage": args.train.stage,
+        "steps": run.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "trainable_tensors": len(trainable),
-        "trainable_parameters": num_trainable,
+        **trainable,
         "skipped_examples": dict(sorted(dataset.skipped.items())),
         "seconds": round(time.time() - started, 1),
     }
-    save_stage_output(accelerator, module, processor, sources, train_args.stage, output_dir, {"summary": summary})
+    save_stage_output(
+        accelerator, run.module, processor, sources, args.train.stage, args.output_dir, {"summary": summary}
+    )
     if accelerator.is_main_process:
-        (output_dir / "losses.json").write_text(json.dumps(losses))
+        (args.output_dir / "losses.json").write_text(json.dumps(losses))
         logger.info(f"done: {json.dumps(summary)}")
     accelerator.end_training()
     return {**summary, "losses": losses}

@@ -7,10 +7,10 @@ The folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)
 the remote-code files, the image processor (plus tokenizer and processor with `--tokenizer`) and the curated subset
 ids as `curated_subset.json`.
 
-The work is in `chexficient.convert`; `--help` lists the options.
+The work is in `chexficient.hub.convert`; `--help` lists the options.
 """
 
-from chexficient.convert import main
+from chexficient.hub.convert import main
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ TINY_WORDS = (
 PROJECT_MODULES = (
     "configuration_chexficient",
     "modeling_chexficient",
+    "image_decoding_chexficient",
     "image_processing_chexficient",
     "processing_chexficient",
     "chexficient",

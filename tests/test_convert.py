@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import tiny_config
 from transformers import BertConfig, BertModel
 
-from chexficient.convert import build_model, convert_state_dict, load_reference_checkpoint
+from chexficient.hub.convert import build_model, convert_state_dict, load_reference_checkpoint
 
 from modeling_chexficient import CheXficientModel
 
@@ -196,6 +196,7 @@ def test_cli_writes_a_loadable_folder_with_subset(tmp_path, tokenizer):
         "config.json",
         "modeling_chexficient.py",
         "configuration_chexficient.py",
+        "image_decoding_chexficient.py",
         "image_processing_chexficient.py",
         "processing_chexficient.py",
         "tokenizer.json",
@@ -253,7 +254,7 @@ def test_authors_hub_layout_converts_from_safetensors(tmp_path, tokenizer, prefi
     prefix, possibly sharded), their own config and remote code, and the tokenizer files; no pickle is read."""
     from safetensors.torch import save_file
 
-    from chexficient.convert import convert
+    from chexficient.hub.convert import convert
 
     config = tiny_config()
     sd = {prefix + k: v.contiguous() for k, v in reference_state_dict(config).items()}
@@ -311,7 +312,7 @@ def sd_unprefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def test_hub_layout_refuses_unknown_and_partly_wrapped_keys(tmp_path):
     from safetensors.torch import save_file
 
-    from chexficient.convert import convert
+    from chexficient.hub.convert import convert
 
     config = tiny_config()
     sd = {k: v.contiguous() for k, v in reference_state_dict(config).items()}

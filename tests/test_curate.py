@@ -17,15 +17,16 @@ from helpers import tiny_config
 from safetensors.torch import load_file
 
 from chexficient.cli import main as cli
-from chexficient.curation.archive import curate_archive, near_duplicate_share
-from chexficient.phantom_archive import (
+from chexficient.inference.curate import CurateOptions, curate_archive
+from chexficient.inference.curation_report import near_duplicate_share
+from chexficient.phantoms import PHANTOM_LABELS
+from chexficient.phantoms.archive import (
     ARCHIVE_PREVALENCE,
     COMMON_FINDINGS,
     RARE_FINDINGS,
     generate_archive,
     write_archive_dataset,
 )
-from chexficient.phantoms import PHANTOM_LABELS
 from train.tokenizer import build_report_tokenizer
 
 from image_processing_chexficient import CheXficientImageProcessor
@@ -34,7 +35,7 @@ from processing_chexficient import CheXficientProcessor
 
 
 ROOT = Path(__file__).resolve().parent.parent
-CURATION = ["--num_prototypes", "3", "--warmup_samples", "96"]
+CURATION = ["--num-prototypes", "3", "--warmup-samples", "96"]
 
 
 # ----- the archive-like corpus ---------------------------------------------------------------------------------------
@@ -144,9 +145,8 @@ def test_curate_resumes_after_a_kill_without_reembedding(archive, tmp_path, monk
         archive["manifest"],
         archive["model"],
         tmp_path / "whole",
-        super_batch_size=96,
-        config=_config(),
-        progress=False,
+        _config(),
+        CurateOptions(super_batch_size=96, progress=False),
     )
     calls, armed = [], [True]
     real_forward = CheXficientModel.forward
@@ -164,11 +164,8 @@ def test_curate_resumes_after_a_kill_without_reembedding(archive, tmp_path, monk
         archive["manifest"],
         archive["model"],
         out,
-        super_batch_size=96,
-        config=_config(),
-        batch_size=50,
-        chunk_rows=50,
-        progress=False,
+        _config(),
+        CurateOptions(super_batch_size=96, batch_size=50, chunk_rows=50, progress=False),
     )
     with pytest.raises(KeyboardInterrupt):
         curate_in_batches_of_50()
@@ -197,10 +194,8 @@ def test_curate_selects_what_the_trainer_selects_from_the_same_embeddings(archiv
         archive["manifest"],
         archive["model"],
         tmp_path / "curate",
-        super_batch_size=96,
-        config=_config(),
-        seed=3,
-        progress=False,
+        _config(),
+        CurateOptions(super_batch_size=96, seed=3, progress=False),
     )
     output = tmp_path / "trainer"
     run_trainer(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from chexficient.bootstrap import bootstrap_ci, flatten_metrics, seed_summary
 from chexficient.metrics import METRIC_NAMES, load_metric
+from chexficient.metrics.bootstrap import bootstrap_ci, flatten_metrics, seed_summary
 from chexficient.metrics.dice.dice import dice_per_image
 from chexficient.metrics.multilabel_auc.multilabel_auc import binary_auprc, binary_auroc, multilabel_auc
 from chexficient.metrics.retrieval_recall.retrieval_recall import retrieval_ranks

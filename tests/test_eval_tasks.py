@@ -176,6 +176,7 @@ def test_linear_probe_cli_caches_features_and_reports_seeds(phantoms, model_dir,
         assert entry["macro_auroc"]["num_seeds"] == 2
         assert entry["macro_auroc"]["ci_low"] <= entry["macro_auroc"]["mean"] <= entry["macro_auroc"]["ci_high"]
     assert first["metrics"]["0.5"]["num_train"] == round(0.5 * first["num_train"])
+    _check_saved_probe(first, phantoms, model_dir, tmp_path / "features")
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("features should come from the cache")
@@ -183,6 +184,49 @@ def test_linear_probe_cli_caches_features_and_reports_seeds(phantoms, model_dir,
     monkeypatch.setattr("eval.common.encode_images", no_encoding)
     second = linear_probe.main(argv)
     assert second["metrics"]["1"]["macro_auroc"] == first["metrics"]["1"]["macro_auroc"]
+
+
+def _check_saved_probe(result, phantoms, model_dir, cache_dir):
+    """The probe the CLI saved is `CheXficientForImageClassification` with the head the eval trained: its
+    probabilities are the eval head's on the cached embeddings, and its test AUROC is the one the eval reported."""
+    from chexficient.metrics.multilabel_auc.multilabel_auc import multilabel_auc
+    from eval.datasets import load_classification
+    from eval.linear_probe import (
+        FeatureSplit,
+        cached_features,
+        label_fraction_rows,
+        split_off_validation,
+        train_linear_head,
+    )
+
+    from modeling_chexficient import CheXficientForImageClassification
+
+    saved = result["probe"]
+    assert saved["path"] == str(cache_dir.parent / "phantom_probe") and saved["label_fraction"] == 1.0
+    probe = CheXficientForImageClassification.from_pretrained(saved["path"]).eval()
+    test_set = load_classification("phantom", phantoms, "test")
+    assert probe.config.id2label == dict(enumerate(test_set.labels)) and probe.config.label2id["Fracture"] >= 0
+    assert probe.config.problem_type == "multi_label_classification"
+    loaded = load_model_and_processor(model_dir, device="cpu")
+    train, test = (
+        cached_features(loaded, load_classification("phantom", phantoms, split), cache_dir, split=split)
+        for split in ("train", "test")
+    )
+    # The eval's head, trained again from the cache exactly as the CLI did (its default optimiser settings).
+    train, val = split_off_validation(train, 0.1, seed=0)
+    rows = label_fraction_rows(len(train.ids), saved["label_fraction"], saved["seed"])
+    subset = FeatureSplit(train.features[rows], train.targets[rows], [train.ids[i] for i in rows])
+    head, _ = train_linear_head(subset, val, epochs=3, seed=saved["seed"])
+    paths = dict(zip(test_set.ids, test_set.image_paths))
+    pixel_values = loaded.image_processor([paths[i] for i in test.ids])["pixel_values"]
+    with torch.no_grad():
+        logits = probe(pixel_values).logits
+        torch.testing.assert_close(probe.get_image_features(pixel_values), test.features, atol=1e-5, rtol=1e-5)
+        expected = torch.sigmoid(head(test.features[:5]))
+    torch.testing.assert_close(torch.sigmoid(logits[:5]), expected, atol=1e-5, rtol=0)
+    run = next(r for r in result["metrics"]["1"]["runs"] if r["seed"] == saved["seed"])
+    auroc = multilabel_auc(torch.sigmoid(logits).numpy(), test.targets, test_set.labels)["macro_auroc"]
+    assert auroc == pytest.approx(run["macro_auroc"]["value"], abs=1e-6)
 
 
 def test_linear_head_learns_separable_features():
@@ -257,7 +301,7 @@ def test_mask_geometry_follows_the_image_processor():
 
 
 def test_report_aggregates_results_into_a_card_section(phantoms, model_dir, tmp_path):
-    from chexficient.results import model_index_entries
+    from chexficient.metrics.results import model_index_entries
     from eval.report import main as report_main
     from eval.retrieval import main as retrieval_main
     from eval.zero_shot import main as zero_shot_main
@@ -325,6 +369,7 @@ def test_linear_probe_takes_any_hf_image_encoder(phantoms, tmp_path):
         ]
     )
     assert result["num_test"] == 40 and 0 <= result["metrics"]["1"]["macro_auroc"]["mean"] <= 1
+    assert result["probe"] is None  # a head on raw pooled features: no CheXficient probe to save
     with pytest.raises(ValueError, match="text tower"):
         from eval.zero_shot import main as zero_shot_main
 

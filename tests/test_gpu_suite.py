@@ -138,7 +138,7 @@ def test_gpu_preprocessing_matches_the_pil_pipeline_and_reports_the_same_failure
 def test_raw_batches_group_by_size_and_keep_16_bit_values(tiny_model, images):
     import PIL.Image
 
-    from chexficient.images import InputItem
+    from chexficient.data.images import InputItem
     from chexficient.inference.engine import InferenceEngine
     from chexficient.inference.gpu_preprocess import RawImageBatch, decode_raw
 
@@ -182,7 +182,7 @@ def test_embed_command_takes_preprocess_gpu(tiny_model, images, tmp_path):
 
 
 def test_bfloat16_on_the_cpu_agrees_with_float32(tiny_model, images):
-    from chexficient.images import InputItem, make_image_loader
+    from chexficient.data.images import InputItem, make_image_loader
     from chexficient.inference.engine import InferenceEngine, resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"  # "auto" never picks bf16 on a CPU
@@ -199,7 +199,7 @@ def test_bfloat16_on_the_cpu_agrees_with_float32(tiny_model, images):
 
 
 def test_bfloat16_warns_only_on_a_cpu_without_native_support(tiny_model, monkeypatch, caplog):
-    import chexficient.machine as machine
+    import chexficient.runtime.machine as machine
     from chexficient.inference.engine import InferenceEngine, warn_if_slow_cpu_dtype
 
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
@@ -217,7 +217,7 @@ def test_bfloat16_warns_only_on_a_cpu_without_native_support(tiny_model, monkeyp
 
 
 def test_machine_info_reads_the_cpu_flags(monkeypatch):
-    import chexficient.machine as machine
+    import chexficient.runtime.machine as machine
 
     info = machine.machine_info()
     assert info["logical_cpus"] == os.cpu_count()

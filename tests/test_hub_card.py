@@ -14,9 +14,9 @@ from helpers import save_tiny_model
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
+from chexficient.data.subsets import curated_subset_record, write_curated_subset
 from chexficient.hub import card
-from chexficient.results import load_results
-from chexficient.subset import curated_subset_record, write_curated_subset
+from chexficient.metrics.results import load_results
 
 from configuration_chexficient import RELEASED_VISION_CONFIG
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import save_tiny_model
 
-from chexficient.cli import main
-from chexficient.images import discover_inputs
+from chexficient.cli import build_parser, kebab_case_flags, main, option_strings
+from chexficient.data.images import discover_inputs
 from chexficient.inference.classify import run_classify
 from chexficient.inference.embed import read_embeddings, run_embed
 from chexficient.inference.engine import InferenceEngine
@@ -237,3 +237,31 @@ def test_cli_errors_are_clear(workspace, tmp_path, capsys):
     assert "must end in .csv or .json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["embed", "--model", "m"])  # INPUT and --out missing: argparse usage error
+
+
+def test_every_option_of_the_command_is_kebab_case_and_the_underscore_spelling_still_parses(capsys):
+    parser = build_parser()
+    known = option_strings(parser)
+    assert {"--super-batch-size", "--num-prototypes", "--max-upload-mb", "--batch-size"} <= known
+    assert [option for option in known if "_" in option] == []
+    old = ["curate", "my_pairs.csv", "--num_prototypes=3", "--super_batch_size", "96", "--model", "m", "--out", "o"]
+    argv = kebab_case_flags([*old, "--", "--not_a_flag"], known)
+    assert argv == [
+        "curate",
+        "my_pairs.csv",
+        "--num-prototypes=3",
+        "--super-batch-size",
+        "96",
+        "--model",
+        "m",
+        "--out",
+        "o",
+        "--",
+        "--not_a_flag",
+    ]
+    messages = capsys.readouterr().err
+    assert "--num_prototypes is deprecated, use --num-prototypes" in messages
+    assert "--super_batch_size is deprecated, use --super-batch-size" in messages
+    args = parser.parse_args(argv[:-2])
+    assert (args.num_prototypes, args.super_batch_size, args.manifest) == (3, 96, "my_pairs.csv")
+    assert kebab_case_flags(["embed", "x", "--unknown_flag"], known) == ["embed", "x", "--unknown_flag"]

@@ -318,7 +318,7 @@ def test_both_stages_run_and_the_loss_falls(trained):
 def test_a_killed_stage_resumes_from_its_last_complete_checkpoint(parts, tmp_path):
     from safetensors.torch import load_file
 
-    from chexficient.checkpoints import COMPLETE_MARKER
+    from chexficient.runtime.checkpoints import COMPLETE_MARKER
 
     common = {"num_epochs": 3, "per_device_batch_size": 2, "learning_rate": 3e-2, "warmup_ratio": 0.0}  # 6 steps
     straight = train_script.main(train_args(parts, tmp_path / "straight", "align", **common))
@@ -441,11 +441,14 @@ def test_lexical_metrics_match_sacrebleu_and_rouge_score_with_a_bootstrap():
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    from llava_rad.metrics import evaluate_reports, load_metric
+    from chexficient.metrics import load_metric
+    from llava_rad.metrics import METRIC_MODULES_DIR, evaluate_reports
 
     predictions = ["no pleural effusion .", "the heart is enlarged .", "small left effusion .", "lungs are clear ."]
     references = ["no pleural effusion .", "the heart is normal in size .", "small right effusion .", "clear lungs ."]
-    module = load_metric("report_lexical").compute(predictions=predictions, references=references)
+    module = load_metric("report_lexical", folder=METRIC_MODULES_DIR).compute(
+        predictions=predictions, references=references
+    )
     bleu4 = sacrebleu.corpus_bleu(predictions, [references]).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = 100 * np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)])

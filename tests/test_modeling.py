@@ -168,23 +168,39 @@ def test_vision_model_loads_from_full_checkpoint(config, tmp_path):
 
 
 def test_linear_probe_freezes_encoder_and_trains_head(config, tmp_path):
-    CheXficientModel(config).save_pretrained(tmp_path)
+    clip = CheXficientModel(config).eval()
+    clip.save_pretrained(tmp_path)
     probe = CheXficientForImageClassification.from_pretrained(tmp_path, num_labels=4)
     probe.train()
-    assert not probe.vision_model.training
+    assert not probe.vision_model.training and not probe.visual_projection.training
     trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"}
+    assert probe.classifier.in_features == config.projection_dim  # the paper's head: on the projected embedding
     pixel_values = torch.randn(5, 3, 28, 28)
+    # The projection is loaded, not re-initialised: the probe's features are the CLIP model's image embeddings.
+    features = probe.get_image_features(pixel_values)
+    torch.testing.assert_close(features, clip.get_image_features(pixel_values), atol=0, rtol=0)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(5))
     labels = torch.randint(0, 2, (5, 4)).float()
     out = probe(pixel_values, labels=labels)
     assert out.logits.shape == (5, 4)
-    features = F.normalize(probe.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
     expected = F.binary_cross_entropy_with_logits(probe.classifier(features), labels)
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert probe.classifier.weight.grad is not None
+    assert all(p.grad is None for p in probe.visual_projection.parameters())
     classes = torch.randint(0, 4, (5,))
     torch.testing.assert_close(probe(pixel_values, labels=classes).loss, F.cross_entropy(out.logits, classes))
+
+
+def test_linear_probe_loads_the_projection_of_a_chexficient_folder(config, tmp_path):
+    CheXficientModel(config).save_pretrained(tmp_path)
+    pixel_values = torch.randn(3, 3, 28, 28)
+    probe = CheXficientForImageClassification.from_pretrained(tmp_path, num_labels=2).eval()
+    clip = CheXficientModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(probe.get_image_features(pixel_values), clip.get_image_features(pixel_values))
+    torch.testing.assert_close(probe.visual_projection.weight, clip.visual_projection.weight, atol=0, rtol=0)
 
 
 # ----- every model class, in transformers' ModelTester style -------------------------------------------------------

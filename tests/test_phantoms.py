@@ -7,14 +7,14 @@ import pandas as pd
 import PIL.Image
 import pytest
 
+from chexficient.data.manifests import pseudo_report_from_labels
 from chexficient.phantoms import (
     PHANTOM_FINDINGS,
     PHANTOM_LABELS,
     PREVALENCE,
-    _anatomy,
     generate_phantoms,
-    pseudo_report_from_labels,
     render_phantom,
+    sample_anatomy,
     write_phantom_dataset,
 )
 
@@ -24,7 +24,7 @@ SIZE = 128
 
 def _render(labels, seed=3):
     rng = np.random.default_rng(seed)
-    anatomy = _anatomy(np.random.default_rng(99))
+    anatomy = sample_anatomy(np.random.default_rng(99))
     return render_phantom(labels, rng, SIZE, anatomy=anatomy).astype(float)
 
 

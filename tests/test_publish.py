@@ -25,10 +25,10 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
 from safetensors.torch import load_file
 
+from chexficient.data.subsets import curated_subset_record, write_curated_subset
 from chexficient.hub import publish as push_to_hub
 from chexficient.hub.publish import PublishError
-from chexficient.results import format_ci, load_results, model_index_entries
-from chexficient.subset import curated_subset_record, write_curated_subset
+from chexficient.metrics.results import format_ci, load_results, model_index_entries
 from llava_rad.prompt import save_prompt
 
 
@@ -55,7 +55,7 @@ CLEAN_PROCESS = textwrap.dedent(
     """
     import importlib.abc, sys
     PROJECT = {"configuration_chexficient", "modeling_chexficient", "image_processing_chexficient",
-               "processing_chexficient", "chexficient", "train", "eval", "scripts", "inference", "space", "llava_rad"}
+               "image_decoding_chexficient", "processing_chexficient", "chexficient", "train", "eval", "scripts", "inference", "space", "llava_rad"}
 
     class HideProject(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -176,6 +176,7 @@ def test_dry_run_folder_loads_in_a_clean_process_and_its_card_parses(trained_run
         "curated_subset.json",
         "configuration_chexficient.py",
         "modeling_chexficient.py",
+        "image_decoding_chexficient.py",
         "image_processing_chexficient.py",
         "processing_chexficient.py",
         "processor_config.json",
@@ -312,7 +313,7 @@ def test_card_counts_curated_pairs_per_source_with_the_ids_pretraining_reads(tmp
         frame.to_parquet(manifest)
     folder = tmp_path / "model"
     save_tiny_model(folder)
-    # pretraining records the ids as text, as chexficient.pairs reads them from the manifest
+    # pretraining records the ids as text, as chexficient.data.pairs reads them from the manifest
     write_curated_subset(
         folder, curated_subset_record([0, 2, 4], ids=["7", "9", "11"], num_candidates=5, source=str(manifest))
     )
@@ -644,7 +645,8 @@ def test_upload_sends_weights_through_lfs(fake_hub, trained_run, tmp_path, monke
         assert hub.lfs_uploads[digest] == staged[name]
     regular = {op["value"]["path"] for op in operations if op["key"] == "file"}
     assert regular | set(lfs) == set(staged)
-    assert hub.commits["models/test-org/tiny"][0]["value"]["summary"] == "Upload chexficient model (18 files)"
+    assert len(staged) == 19  # the five remote-code files among them
+    assert hub.commits["models/test-org/tiny"][0]["value"]["summary"] == "Upload chexficient model (19 files)"
 
 
 def test_missing_token_is_a_clear_error_and_nothing_is_sent(fake_hub, trained_run, tmp_path, monkeypatch):

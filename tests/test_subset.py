@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chexficient.subset import SUBSET_FILENAME, curated_subset_record, read_curated_subset, write_curated_subset
+from chexficient.data.subsets import SUBSET_FILENAME, curated_subset_record, read_curated_subset, write_curated_subset
 
 
 def test_record_round_trip_with_ids_and_counts(tmp_path):

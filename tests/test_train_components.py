@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from chexficient.curation.loss import curated_clip_loss, gather_with_grad
-from chexficient.manifests import report_text
-from chexficient.pairs import ImageReportCollator, ImageReportDataset, load_pairs
+from chexficient.data.manifests import report_text
+from chexficient.data.pairs import ImageReportCollator, ImageReportDataset, load_pairs
 from train.init_towers import load_pretrained_towers, resize_position_embeddings
 from train.optim import CurationAwareCosine, build_optimizer_and_schedule, parameter_groups
 from train.tokenizer import build_report_tokenizer

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chexficient.curation import CurationConfig
-from chexficient.presets import parse_with_presets, resolve_preset
+from chexficient.runtime.presets import parse_with_presets, resolve_preset
 
 from modeling_chexficient import ZERO_SHOT_PROMPTS
 
@@ -125,8 +125,35 @@ class TrainArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CurationConfig, TrainArguments)
 
 
-def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, CurationConfig, TrainArguments]:
+@dataclass
+class RunArguments:
+    """The parsed command line, one group per dataclass; `asdict` of it is the run's `arguments.json`."""
+
+    model: ModelArguments
+    data: DataArguments
+    curation: CurationConfig
+    train: TrainArguments
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+    @property
+    def curating(self) -> bool:
+        """The run curates (curation on, no random-subset baseline)."""
+        return self.curation.curating
+
+    @property
+    def accumulate(self) -> bool:
+        """The run curates in the single-process embedding-accumulation mode."""
+        return self.curating and self.curation.curation_mode == "accumulate"
+
+    @property
+    def validates(self) -> bool:
+        """A held-out labelled manifest is scored during training."""
+        return bool(self.data.eval_manifest and self.data.eval_labels)
+
+
+def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     """Parse `argv`; `--config preset.yaml` (or a preset name from train/configs) supplies defaults first."""
-    return parse_with_presets(ARGUMENT_CLASSES, CONFIG_DIR, argv)
+    return RunArguments(*parse_with_presets(ARGUMENT_CLASSES, CONFIG_DIR, argv))

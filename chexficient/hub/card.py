@@ -102,10 +102,10 @@ def per_source_counts(
 ) -> dict[str, dict[str, int]] | None:
     """{source: {"candidates", "curated"}} from a candidate manifest with a source column; None when unknown.
 
-    The manifest is read and its ids formed as pretraining reads them (`chexficient.pairs`: the id column as text, else the
+    The manifest is read and its ids formed as pretraining reads them (`chexficient.data.pairs`: the id column as text, else the
     row number), so they match the ids in `curated_subset.json`.
     """
-    from chexficient.manifests import read_manifest
+    from chexficient.data.manifests import read_manifest
 
     if not manifest or not Path(manifest).is_file():
         return None
@@ -138,7 +138,7 @@ def load_curation(
     model_dir: str | os.PathLike, num_candidates: int | None = None, run: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Curation statistics from `curated_subset.json` (pretraining's or the converter's record), or None."""
-    from chexficient.subset import read_curated_subset
+    from chexficient.data.subsets import read_curated_subset
 
     path = Path(model_dir) / "curated_subset.json"
     if not path.is_file():
@@ -165,7 +165,7 @@ def load_curation(
 
 def clip_eval_results(results: Sequence[dict[str, Any]]) -> list[EvalResult]:
     """model-index entries for eval/ task results (zero-shot, retrieval, linear probe, segmentation)."""
-    from chexficient.results import model_index_entries
+    from chexficient.metrics.results import model_index_entries
 
     split_of = {(r["task"], r["dataset"]): r.get("split") for r in results}
     tasks = {"zero-shot-image-classification": "zero_shot", "image-text-retrieval": "retrieval"}
@@ -357,10 +357,10 @@ def chexficient_card(
     run: Mapping[str, Any] | None = None,
     curation: Mapping[str, Any] | None = None,
 ) -> ModelCard:
-    """The model card of a CheXficient folder; `results` are eval/ records (`chexficient.results.load_results`),
+    """The model card of a CheXficient folder; `results` are eval/ records (`chexficient.metrics.results.load_results`),
     `plot` the repo-relative path of the per-class AUROC figure, `run` the training run and `curation` the
     `load_curation` statistics (both default to what is read from and beside the folder)."""
-    from chexficient.results import results_markdown
+    from chexficient.metrics.results import results_markdown
 
     model_dir = Path(model_dir)
     run = load_training_run(model_dir) if run is None else run

@@ -13,40 +13,40 @@ lists what would be uploaded; otherwise the folder goes up in one commit (`creat
 comes from huggingface_hub's usual places (`HF_TOKEN`, `hf auth login`). `--space-id` also publishes `space/` as a
 Gradio Space that serves this model.
 
-Nothing is trusted that need not be: the repository (and the Space) is private unless `--visibility public`; the
-remote-code modules a config's `auto_map` names must be plain module names of files in the model folder (or the four
-CheXficient files of the project); absolute paths of this machine in the staged records (the run's arguments and
-summary, the curated subset's source, the evaluation JSON, paths in the configs) are rewritten relative to the run
-folder or to their file name, and a staged text file that still holds one stops the upload.
+Nothing is trusted that need not be: the repository (and the Space) is private unless `--visibility public`, and
+`chexficient.hub.staging` decides what a staged folder may hold (remote code named by `auto_map`, no local paths).
+The remote-code files and the Space come from this installation (package data in a wheel), never from a checkout.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import sys
-from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import HfArgumentParser
+
+from .staging import (
+    STAGING_MARKER,
+    TOKEN_TABLES,
+    LocalPaths,
+    PublishError,
+    check_no_local_paths,
+    local_prefixes,
+    read_json,
+    remote_code_sources,
+    space_source,
+    staged_files,
+)
 
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (outputs/ and space/ live there)
-SPACE_DIR = PROJECT_ROOT / "space"
-REMOTE_CODE_FILES = (
-    "configuration_chexficient.py",
-    "modeling_chexficient.py",
-    "image_processing_chexficient.py",
-    "processing_chexficient.py",
-)
 CHEXFICIENT_AUTO_MAP = {
     "AutoConfig": "configuration_chexficient.CheXficientConfig",
     "AutoModel": "modeling_chexficient.CheXficientModel",
@@ -72,22 +72,9 @@ MODEL_FILES = (
     "curated_subset.json",
     "report_prompt.json",
 )
-AUTO_MAP_CONFIGS = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
 SPACE_LEFT_OUT = ("__pycache__", "*.pyc", "screenshot.py")  # not copied from space/ (screenshot.py is a dev tool)
 REPLACED_FOLDERS = ["eval/*", "training/*"]
-STAGING_MARKER = ".push_to_hub_staging"  # marks a folder this script may empty again; never uploaded
-# An auto_map reference is `[repo--]module.Class`; module and class must be plain names (no path, no package).
-PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# An absolute path inside a string (POSIX `/a/b` or Windows `C:\\a`), not part of a URL, a word or a tag like `</s>`.
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<>\\-])(?:/(?=[^\s/])|[A-Za-z]:[\\/])[^\s\"'<>|,;()\[\]{}]*")
-WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]")
 CURATED_IDS = ("ids", "indices")  # the curated subset's data: they must match the manifest, so they stay as recorded
-TEXT_SUFFIXES = (".json", ".md", ".txt", ".py", ".jinja", ".csv", ".yaml", ".yml", ".cfg", ".toml")
-TOKEN_TABLES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")  # tokens like `/root`, not paths
-
-
-class PublishError(RuntimeError):
-    """A folder or setting that cannot be published; the message says which and why."""
 
 
 @dataclass
@@ -123,13 +110,6 @@ class PushArguments:
 # ----- the model folder and the staging folder -----------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PublishError(f"{path}: not readable JSON ({error}).") from error
-
-
 def model_type(model_dir: Path) -> str:
     """`chexficient` or `llava`, from the folder's config.json."""
     if not model_dir.is_dir():
@@ -137,7 +117,7 @@ def model_type(model_dir: Path) -> str:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise PublishError(f"{model_dir}: no config.json; is this a saved model folder?")
-    kind = _read_json(config_path).get("model_type")
+    kind = read_json(config_path).get("model_type")
     if kind not in ("chexficient", "llava"):
         raise PublishError(f"{config_path}: model_type {kind!r}; push_to_hub publishes 'chexficient' and 'llava'.")
     return kind
@@ -156,172 +136,6 @@ def _prepare_output(output_dir: Path, model_dir: Path) -> None:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / STAGING_MARKER).write_text("staged by scripts/push_to_hub.py; safe to delete\n")
-
-
-def _staged_files(folder: Path) -> list[str]:
-    return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != STAGING_MARKER
-    )
-
-
-# ----- remote code: what a config's auto_map names -------------------------------------------------------------------
-
-
-def _auto_map_references(config: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(auto class, reference) for every `auto_map` entry of a config (and of its nested image processor)."""
-    maps = [config.get("auto_map") or {}, (config.get("image_processor") or {}).get("auto_map") or {}]
-    return [
-        (key, item)
-        for auto_map in maps
-        for key, reference in auto_map.items()
-        for item in (reference if isinstance(reference, list) else [reference])
-        if item is not None
-    ]
-
-
-def _module_file(reference: Any, config_path: Path, key: str) -> str:
-    """`module.py` for an auto_map reference `[repo--]module.Class`; PublishError for a path, a package or junk."""
-    parts = reference.split("--") if isinstance(reference, str) else []
-    module, _, class_name = parts[-1].rpartition(".") if 0 < len(parts) <= 2 else ("", "", "")
-    if not (PLAIN_NAME.fullmatch(module) and PLAIN_NAME.fullmatch(class_name)):
-        raise PublishError(
-            f"{config_path}: auto_map {key} refers to {reference!r}; only `module.Class` with a plain module name "
-            "(a file beside config.json, no path or package) is published."
-        )
-    return module + ".py"
-
-
-def auto_map_modules(folder: Path) -> dict[str, set[str]]:
-    """{module file: configs naming it} for every `auto_map` entry in the folder's configs, each one validated."""
-    modules: dict[str, set[str]] = {}
-    for name in AUTO_MAP_CONFIGS:
-        path = folder / name
-        if path.is_file():
-            for key, reference in _auto_map_references(_read_json(path)):
-                modules.setdefault(_module_file(reference, path, key), set()).add(name)
-    return modules
-
-
-def remote_code_sources(model_dir: Path, kind: str) -> dict[str, Path]:
-    """{module file: where to copy it from}: the model folder, else the project for the four CheXficient files."""
-    named = auto_map_modules(model_dir)
-    required = set(named) | (set(REMOTE_CODE_FILES) if kind == "chexficient" else set())
-    folder = model_dir.resolve()
-    sources = {}
-    for module in sorted(required):
-        candidate = model_dir / module
-        if candidate.is_file():
-            if candidate.resolve().parent != folder:
-                raise PublishError(f"{candidate}: links outside the model folder; not publishing it as remote code.")
-            sources[module] = candidate
-        elif module in REMOTE_CODE_FILES and (PROJECT_ROOT / module).is_file():
-            sources[module] = PROJECT_ROOT / module
-        else:
-            named_by = ", ".join(sorted(named.get(module, {"auto_map"})))
-            raise PublishError(
-                f"{model_dir}: {named_by} refers to {module}, which is neither in the folder nor known."
-            )
-    return sources
-
-
-# ----- local paths: what an upload must not reveal -------------------------------------------------------------------
-
-
-def local_prefixes(*folders: Path) -> tuple[str, ...]:
-    """Absolute paths of this machine that no staged file may contain: the given folders, the working and home
-    directories and the project, as given and resolved, longest first (the root alone is not one)."""
-    found = set()
-    for folder in (*folders, Path.cwd(), Path.home(), PROJECT_ROOT):
-        for path in (Path(os.path.abspath(folder)), Path(folder).resolve()):
-            if len(path.parts) >= 2:
-                found.add(str(path))
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def localized(path_text: str, run_dir: Path) -> str:
-    """An absolute path as an upload states it: relative to the run folder when inside it, else its file name."""
-    if WINDOWS_PATH.match(path_text):
-        return PureWindowsPath(path_text).name or path_text
-    path = PurePosixPath(os.path.normpath(path_text))
-    for base in (PurePosixPath(os.path.abspath(run_dir)), PurePosixPath(run_dir.resolve())):
-        if path == base or base in path.parents:
-            return path.relative_to(base).as_posix()
-    return path.name or path_text
-
-
-def _scrub(value: Any, rewrite: Callable[[str], str], keep: Collection[str] = ()) -> Any:
-    """Parsed JSON with `rewrite` applied to every string (keys too), except the values of top-level `keep` keys."""
-    if isinstance(value, dict):
-        return {_scrub(k, rewrite): v if k in keep else _scrub(v, rewrite) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(item, rewrite) for item in value]
-    return rewrite(value) if isinstance(value, str) else value
-
-
-class LocalPaths:
-    """Stages JSON with the absolute paths of this machine rewritten (`localized`), and counts what it rewrote."""
-
-    def __init__(self, output_dir: Path, run_dir: Path, prefixes: tuple[str, ...]):
-        self.output_dir, self.run_dir, self.prefixes = output_dir, run_dir, prefixes
-        self.count = 0
-
-    def _local(self, path_text: str) -> str:
-        new = localized(path_text, self.run_dir)
-        self.count += new != path_text
-        return new
-
-    def _is_local(self, text: str) -> bool:
-        if "\n" in text or not (text.startswith("/") or WINDOWS_PATH.match(text)):
-            return False
-        try:
-            return text.startswith(self.prefixes) or Path(text).exists()
-        except OSError:  # a name too long for this file system is no path here
-            return False
-
-    def every_path(self, value: Any, keep: Collection[str] = ()) -> Any:
-        """Every absolute path in every string, also inside longer text (run records, eval JSON, the subset)."""
-        return _scrub(value, lambda text: ABSOLUTE_PATH.sub(lambda m: self._local(m.group(0)), text), keep)
-
-    def local_values(self, value: Any) -> Any:
-        """Only strings that are, whole, an absolute path of this machine (configs: chat templates and tokens stay)."""
-        return _scrub(value, lambda text: self._local(text) if self._is_local(text) else text)
-
-    def stage_json(
-        self,
-        source: Path | dict[str, Any],
-        name: str,
-        notes: list[str],
-        configs: bool = False,
-        keep: Collection[str] = (),
-    ) -> None:
-        """Write `name` in the staging folder from a JSON file or record; an untouched file is copied byte for byte."""
-        record = _read_json(source) if isinstance(source, Path) else source
-        before = self.count
-        cleaned = self.local_values(record) if configs else self.every_path(record, keep)
-        target = self.output_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(source, Path) and self.count == before:
-            shutil.copy2(source, target)
-            return
-        target.write_text(json.dumps(cleaned, indent=2) + "\n")
-        if self.count > before:
-            notes.append(
-                f"{name}: {self.count - before} local path(s) made relative to the run folder or cut to the file name"
-            )
-
-
-def check_no_local_paths(folder: Path, prefixes: tuple[str, ...]) -> None:
-    """PublishError when a staged text file (token tables aside) still holds an absolute path of this machine."""
-    patterns = {prefix: re.compile(re.escape(prefix) + r"(?![\w.-])") for prefix in prefixes}
-    for name in _staged_files(folder):
-        if name.endswith(TEXT_SUFFIXES) and Path(name).name not in TOKEN_TABLES:
-            text = (folder / name).read_text(encoding="utf-8", errors="replace")
-            for prefix, pattern in patterns.items():
-                if pattern.search(text):
-                    raise PublishError(
-                        f"{folder / name}: holds the local path {prefix}; remove it from the source of that file "
-                        "before publishing (nothing was uploaded)."
-                    )
 
 
 # ----- assembling ----------------------------------------------------------------------------------------------------
@@ -354,7 +168,7 @@ def _stage_model_files(model_dir: Path, paths: LocalPaths, notes: list[str]) -> 
 
 
 def _add_chexficient_auto_map(output_dir: Path, notes: list[str]) -> None:
-    config = _read_json(output_dir / "config.json")
+    config = read_json(output_dir / "config.json")
     if not all(key in (config.get("auto_map") or {}) for key in CHEXFICIENT_AUTO_MAP):
         config["auto_map"] = {**CHEXFICIENT_AUTO_MAP, **(config.get("auto_map") or {})}
         (output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -389,7 +203,7 @@ def _card(args: PushArguments, kind: str, run: dict[str, Any], paths: LocalPaths
     if kind == "llava":
         results = [record for folder in args.eval_dir for record in load_report_results(folder)]
         return llava_card(output_dir, options, results), results
-    from ..results import load_results, plot_per_class_auroc
+    from ..metrics.results import load_results, plot_per_class_auroc
 
     results = [record for folder in args.eval_dir for record in load_results(folder)]
     plot = plot_per_class_auroc(results, output_dir / "eval" / "per_class_auroc.png") if results else None
@@ -435,7 +249,7 @@ def assemble(args: PushArguments, output_dir: Path) -> dict[str, Any]:
     check_no_local_paths(output_dir, paths.prefixes)
     return {
         "kind": kind,
-        "files": _staged_files(output_dir),
+        "files": staged_files(output_dir),
         "left_out": left_out,
         "notes": notes,
         "num_results": len(results),
@@ -449,7 +263,7 @@ def assemble_space(args: PushArguments, output_dir: Path) -> Path:
     space_dir = output_dir.with_name(output_dir.name + "-space")
     _prepare_output(space_dir, Path(args.model))
     shutil.copytree(
-        SPACE_DIR,
+        space_source(),
         space_dir,
         ignore=shutil.ignore_patterns(*SPACE_LEFT_OUT),
         dirs_exist_ok=True,
@@ -549,7 +363,7 @@ def parse_arguments(argv: list[str] | None = None) -> PushArguments:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(argv)
-    output_dir = Path(args.output_dir or PROJECT_ROOT / "outputs" / "hub" / args.repo_id.split("/")[-1])
+    output_dir = Path(args.output_dir or Path("outputs") / "hub" / args.repo_id.split("/")[-1])
     summary = assemble(args, output_dir)
     space_dir = assemble_space(args, output_dir) if args.space_id else None
     print(f"Assembled {output_dir} ({summary['kind']} model card, {summary['num_results']} evaluation results):")

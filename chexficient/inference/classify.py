@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import InputItem, discover_inputs
+from ..data.images import InputItem, discover_inputs
 from .embed import csv_cell, errors_path, write_errors
 from .engine import InferenceEngine, parse_labels
 

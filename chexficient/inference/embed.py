@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import InputItem, discover_inputs
+from ..data.images import InputItem, discover_inputs
 from .engine import InferenceEngine
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..images import ImageBatch, InputItem, make_image_loader
+from ..data.images import ImageBatch, InputItem, make_image_loader
 from ..runtime import DTYPES, resolve_device
 from .gpu_preprocess import PREPROCESS_MODES, RawImageBatch, make_raw_image_loader, preprocess_raw_batch
 from image_processing_chexficient import CheXficientImageProcessor
@@ -56,7 +56,7 @@ def warn_if_slow_cpu_dtype(dtype: str, device: torch.device) -> bool:
     usually slower than float32). Returns True when it warned."""
     if device.type != "cpu" or dtype not in ("bfloat16", "float16"):
         return False
-    from ..machine import cpu_flags, cpu_has_native_bf16
+    from ..runtime.machine import cpu_flags, cpu_has_native_bf16
 
     native = cpu_has_native_bf16() if dtype == "bfloat16" else cpu_flags()["avx512_fp16"]
     if not native:

@@ -1,6 +1,6 @@
 """Device-side preprocessing: decode in DataLoader workers, resize / crop / normalise on the GPU.
 
-The CPU path (`chexficient.images`) runs the whole image processor in the workers and ships float32 pixel values
+The CPU path (`chexficient.data.images`) runs the whole image processor in the workers and ships float32 pixel values
 [3, 378, 378]. This path stops the workers after decoding: each image travels as its decoded integer array [C, H, W]
 (uint8 for 8-bit files, 16-bit for 16-bit PNG and DICOM, whose windowed [0, 1] values are quantised to 1/65535),
 half or less of the float32 bytes of the same image, and the engine's device runs
@@ -10,7 +10,7 @@ decode workers.
 
 The numbers differ slightly from the PIL pipeline (torch's antialiased bicubic is not PIL's filter bit for bit; a
 test bounds the embedding difference). The error policy is the CPU path's: an input that cannot be decoded becomes
-an error record (`chexficient.images.DECODE_ERRORS`), reported by the caller and skipped.
+an error record (`chexficient.data.images.DECODE_ERRORS`), reported by the caller and skipped.
 
 16-bit data travels as int16 (the same bits; torch's uint16 has few kernels, CUDA's even fewer) and is widened back
 to unsigned on the device.
@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
-from ..images import ImageDataset, InputItem, ordered_loader
+from ..data.images import ImageDataset, InputItem, ordered_loader
 
 
 PREPROCESS_MODES = ("cpu", "gpu")
@@ -93,7 +93,7 @@ class RawImageGroup:
 class RawImageBatch:
     """A collated batch of decoded (not yet preprocessed) images, grouped by shape; failures by dataset index.
 
-    `indices` lists the decoded images in batch order, like `chexficient.images.ImageBatch`.
+    `indices` lists the decoded images in batch order, like `chexficient.data.images.ImageBatch`.
     """
 
     indices: list[int]

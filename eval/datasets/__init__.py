@@ -49,7 +49,7 @@ Segmentation
   `segmentation.json` ({"classes": [...]}).
 """
 
-from chexficient.labels import CHEXPERT_LABELS, LABELS
+from chexficient.data.labels import CHEXPERT_LABELS, LABELS
 
 from .containers import ClassificationSet, DatasetLayoutError, PathLike, RetrievalSet, SegmentationSet
 from .jsrt import JSRT_CLASSES, JSRT_SIDE

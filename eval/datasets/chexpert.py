@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from chexficient.labels import LABELS
+from chexficient.data.labels import LABELS
 
 from .containers import ClassificationSet, RetrievalSet
 from .layout import (

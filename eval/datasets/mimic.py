@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from chexficient.labels import LABELS
+from chexficient.data.labels import LABELS
 
 from .containers import ClassificationSet, DatasetLayoutError, RetrievalSet
 from .layout import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexficient.labels import LABELS
+from chexficient.data.labels import LABELS
 
 from .containers import ClassificationSet, DatasetLayoutError
 from .layout import _check_split, _first_existing, _missing, _need_file, _normalise, _read_csv

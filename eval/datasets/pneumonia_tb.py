@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from chexficient.labels import LABELS
+from chexficient.data.labels import LABELS
 
 from .containers import ClassificationSet
 from .layout import _SPLITS, _check_split, _first_existing, _list_images, _missing, _need_dir, _need_file

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexficient.labels import LABELS
+from chexficient.data.labels import LABELS
 
 from .containers import ClassificationSet, DatasetLayoutError, SegmentationSet
 from .layout import _SPLITS, _check_split, _first_existing, _list_images, _missing, _read_csv, _splits_file, hash_split

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from .phantoms import PHANTOM_FINDINGS, PHANTOM_LABELS, _anatomy, render_phantom
+from .render import PHANTOM_FINDINGS, PHANTOM_LABELS, render_phantom, sample_anatomy
 
 
 ARCHIVE_PREVALENCE: dict[str, float] = {
@@ -161,7 +161,7 @@ def sample_archive_labels(rng: np.random.Generator, prevalence: Mapping[str, flo
     return labels
 
 
-def jitter_anatomy(anatomy: Mapping[str, float], rng: np.random.Generator) -> dict[str, float]:
+def jittersample_anatomy(anatomy: Mapping[str, float], rng: np.random.Generator) -> dict[str, float]:
     """One study's positioning of a patient: the patient's anatomy, shifted, rotated, scaled and exposed anew."""
     study = dict(anatomy)
     for key, width in STUDY_JITTER.items():
@@ -239,22 +239,22 @@ def generate_archive(
     while len(studies) < num_studies:
         count = 1 + int(plan.poisson(extra_studies)) if split == "train" else 1
         patient_rng = np.random.default_rng([seed, code, 0, patient])
-        labels, anatomy = sample_archive_labels(patient_rng), _anatomy(patient_rng)
+        labels, anatomy = sample_archive_labels(patient_rng), sample_anatomy(patient_rng)
         findings_seed = int(patient_rng.integers(2**31))  # where the findings sit: the patient's
         patient_id = f"{split}-s{seed}-p{patient:06d}"
         for visit in range(min(count, num_studies - len(studies))):
             study_rng = np.random.default_rng([seed, code, 2, patient, visit])
-            study_anatomy = jitter_anatomy(anatomy, study_rng) if visit else anatomy
+            studysample_anatomy = jittersample_anatomy(anatomy, study_rng) if visit else anatomy
             image = render_phantom(
                 labels,
                 np.random.default_rng(findings_seed),
                 image_size,
-                anatomy=study_anatomy,
+                anatomy=studysample_anatomy,
                 noise_rng=np.random.default_rng([seed, code, 3, patient, visit]),
             )
             noise = study_rng.normal(0.0, STUDY_NOISE * 255, image.shape)
             image = np.clip(np.round(image + noise), 0, 255).astype(np.uint8)
-            findings, impression = make_archive_report(labels, study_anatomy, study_rng)
+            findings, impression = make_archive_report(labels, studysample_anatomy, study_rng)
             studies.append(ArchiveStudy(f"{patient_id}-v{visit}", patient_id, image, findings, impression, labels))
         patient += 1
     return studies

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .subset import curated_subset_record, write_curated_subset
+from ..data.subsets import curated_subset_record, write_curated_subset
 from configuration_chexficient import CheXficientConfig
 from image_processing_chexficient import CheXficientImageProcessor
 from modeling_chexficient import CheXficientModel

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import decode_image
-from .manifests import clean_text, read_manifest, report_text
+from .manifests import clean_text, pseudo_report_from_labels, read_manifest, report_text
 from image_processing_chexficient import CheXficientImageProcessor
 
 
@@ -38,6 +38,7 @@ class PairTable:
     texts: list[str]
     source: Any = None  # a `datasets.Dataset` when images live inside it
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) dropped before training
+    rows: list[int] = field(default_factory=list)  # each pair's row position in the table it was read from
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,8 +46,6 @@ class PairTable:
 
 def _texts_from_columns(rows: Any, columns: Sequence[str], label_columns: Sequence[str], seed: int) -> list[str]:
     if label_columns:
-        from .phantoms import pseudo_report_from_labels
-
         texts = []
         for i, row in enumerate(rows):
             labels = {name: (None if _is_missing(row[name]) else float(row[name])) for name in label_columns}
@@ -85,16 +84,23 @@ def load_pairs(
     text_columns: Sequence[str] | None = None,
     label_columns: Sequence[str] | None = None,
     seed: int = 1,
+    where: str | os.PathLike | None = None,
 ) -> PairTable:
-    """Read pairs from a manifest path or a `datasets.Dataset`, validating columns before any training.
+    """Read pairs from a manifest path, a manifest already read (a pandas DataFrame) or a `datasets.Dataset`,
+    validating columns before any training.
 
-    Rows with an empty report are dropped, each logged with its id. Image files are not opened here: unreadable
-    images are found (and skipped) when the DataLoader decodes them.
+    `where` names a DataFrame's manifest in messages, and its folder is the default `image_root`. Rows with an empty
+    report are dropped, each logged with its id. Image files are not opened here: unreadable images are found (and
+    skipped) when the DataLoader decodes them.
     """
+    import pandas as pd
+
     label_columns = list(label_columns or [])
     if isinstance(source, (str, os.PathLike)):
-        where = os.fspath(source)
-        frame = read_manifest(source)
+        where, source = os.fspath(source), read_manifest(source)
+    if isinstance(source, pd.DataFrame):
+        where = os.fspath(where) if where is not None else "manifest"
+        frame = source
         columns = list(frame.columns)
         rows = frame.to_dict("records")
         dataset = None
@@ -136,6 +142,7 @@ def load_pairs(
         texts=[texts[i] for i in keep],
         source=dataset,
         skipped=skipped,
+        rows=keep,
     )
 
 
