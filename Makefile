@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-EXTRAS := train,eval,deepspeed,dev,inference,llava,space
+EXTRAS := train,eval,deepspeed,dev,inference,llava,space,scale
 
 .PHONY: setup venv browser demo eval-demo llava-demo space test quality style gpu-suite
 

@@ -18,15 +18,15 @@ from .inference.engine import ENGINE_DTYPES, ENGINE_PREPROCESS
 
 DESCRIPTION = """Fast CheXficient inference from a local model folder (nothing is downloaded).
 
-  chexficient embed    INPUT --model DIR --out emb.parquet       embeddings (resumable; parquet or safetensors)
+  chexficient embed    INPUT --model DIR --out emb/              embeddings into Parquet shards (resumable)
   chexficient classify INPUT --model DIR --labels "A,B" --out p.csv   zero-shot probabilities (csv or json)
   chexficient curate   PAIRS --model DIR --out DIR              curate an archive of image-report pairs
   chexficient serve    --model DIR [--port 8000]                  HTTP API with micro-batching
   chexficient export-onnx --model DIR --out model.onnx [--int8]   ONNX image embedder, checked against PyTorch
 
 INPUT is a folder (searched recursively for .png/.jpg/.jpeg/.dcm/.dicom), a .csv manifest (a `path` column,
-optional `id`), a .txt manifest (one path a line) or image files. Unreadable images are reported in OUT.errors.csv
-and skipped."""
+optional `id`), a .txt manifest (one path a line) or image files. Unreadable images are reported (embed:
+OUT/errors.csv; classify: OUT.errors.csv) and skipped. Under torchrun, `embed` shards its inputs over the processes."""
 
 
 def _positive(value: str) -> int:
@@ -150,11 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    embed = commands.add_parser("embed", help="embed images into a parquet or safetensors file (resumable)")
+    embed = commands.add_parser("embed", help="embed images (and reports) into a store of Parquet shards (resumable)")
     embed.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, .csv/.txt manifest, or image files")
-    embed.add_argument("--out", required=True, help="output file (.parquet or .safetensors); re-runs append new ids")
     embed.add_argument(
-        "--format", choices=("parquet", "safetensors"), default=None, help="default: from --out's suffix, else parquet"
+        "--out", required=True, help="store folder (Parquet shards + manifest.json); re-runs embed only new ids"
+    )
+    embed.add_argument(
+        "--text-column", default=None, help="also embed each row's report from this column of a .csv manifest"
+    )
+    embed.add_argument(
+        "--export", default=None, help="also write one .parquet or .safetensors file at the end (sets that fit)"
+    )
+    embed.add_argument(
+        "--shard-rows", type=_positive, default=4096, help="rows per shard (what a kill can lose; default %(default)s)"
     )
     _runtime_options(embed)
 
@@ -246,8 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     engine,
                     batch_size=args.batch_size,
                     num_workers=args.num_workers,
-                    fmt=args.format,
                     progress=not args.no_progress,
+                    shard_rows=args.shard_rows,
+                    text_column=args.text_column,
+                    export=args.export,
                 )
             else:
                 from .inference.classify import run_classify

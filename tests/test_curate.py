@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from chexficient.cli import main as cli
 from chexficient.inference.curate import CurateOptions, curate_archive
 from chexficient.inference.curation_report import near_duplicate_share
+from chexficient.inference.store import read_store, shard_paths
 from chexficient.phantoms import PHANTOM_LABELS
 from chexficient.phantoms.archive import (
     ARCHIVE_PREVALENCE,
@@ -169,13 +170,14 @@ def test_curate_resumes_after_a_kill_without_reembedding(archive, tmp_path, monk
     )
     with pytest.raises(KeyboardInterrupt):
         curate_in_batches_of_50()
-    assert len(list((out / "embeddings.safetensors.parts").glob("part-*"))) == 2  # two batches were kept
+    assert len(shard_paths(out / "embeddings")) == 2  # the two batches embedded before the kill were kept
     calls.clear()
     armed[0] = False
     resumed = curate_in_batches_of_50()
     assert len(calls) == 4  # 200 of 300 pairs embedded again, not all 300
-    stored = load_file(out / "embeddings.safetensors")["embeddings"]
-    assert stored.shape[0] == 300  # each pair once
+    stored = read_store(out / "embeddings", ("id", "embedding", "text_embedding"))
+    assert sorted(stored["id"]) == sorted(map(str, pd.read_csv(archive["manifest"])["id"]))  # each pair once
+    assert stored["embedding"].shape == stored["text_embedding"].shape == (300, 16)
     assert resumed["kept"] == reference["kept"] and resumed["clusters"] == reference["clusters"]
     whole = json.loads((tmp_path / "whole" / "curated_subset.json").read_text())
     assert json.loads((out / "curated_subset.json").read_text())["ids"] == whole["ids"]

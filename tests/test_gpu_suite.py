@@ -116,17 +116,18 @@ def test_tiny_suite_writes_every_section_with_positive_numbers(tmp_path):
 
 
 def test_gpu_preprocessing_matches_the_pil_pipeline_and_reports_the_same_failures(tiny_model, images, tmp_path):
-    from chexficient.inference.embed import read_embeddings, run_embed
+    from chexficient.inference.embed import run_embed
     from chexficient.inference.engine import InferenceEngine
+    from chexficient.inference.store import read_embeddings
 
     results, summaries = {}, {}
     for mode in ("cpu", "gpu"):
         engine = InferenceEngine.from_pretrained(tiny_model, "cpu", "float32", preprocess=mode)
         assert engine.info.preprocess == mode
-        out = tmp_path / f"{mode}.parquet"
+        out = tmp_path / f"{mode}"
         summaries[mode] = run_embed(images, out, engine, batch_size=4, num_workers=0, progress=False)
         results[mode] = read_embeddings(out)
-        errors = (tmp_path / f"{mode}.parquet.errors.csv").read_text().splitlines()
+        errors = (out / "errors.csv").read_text().splitlines()
         assert len(errors) == 1 + 3 and all("bad/" in line for line in errors[1:])
     assert summaries["gpu"].embedded == summaries["cpu"].embedded == 9 and summaries["gpu"].failed == 3
     ids_cpu, _, cpu = results["cpu"]
@@ -166,11 +167,11 @@ def test_raw_batches_group_by_size_and_keep_16_bit_values(tiny_model, images):
 
 def test_embed_command_takes_preprocess_gpu(tiny_model, images, tmp_path):
     from chexficient.cli import main
-    from chexficient.inference.embed import read_embeddings
+    from chexficient.inference.store import read_embeddings
 
     outputs = {}
     for mode in ("cpu", "gpu"):
-        out = tmp_path / f"cli_{mode}.safetensors"
+        out = tmp_path / f"cli_{mode}"
         argv = ["embed", str(images), "--model", str(tiny_model), "--out", str(out), "--device", "cpu"]
         assert main([*argv, "--num-workers", "0", "--no-progress", "--preprocess", mode]) == 0
         outputs[mode] = read_embeddings(out)

@@ -16,8 +16,9 @@ from helpers import save_tiny_model
 from chexficient.cli import build_parser, kebab_case_flags, main, option_strings
 from chexficient.data.images import discover_inputs
 from chexficient.inference.classify import run_classify
-from chexficient.inference.embed import read_embeddings, run_embed
+from chexficient.inference.embed import run_embed
 from chexficient.inference.engine import InferenceEngine
+from chexficient.inference.store import read_embeddings, read_manifest, read_store, shard_paths, stored_ids
 from chexficient.inference.synthetic import phantom_images, write_corrupt_files, write_dicom, write_png
 
 from image_processing_chexficient import CheXficientImageProcessor
@@ -79,11 +80,12 @@ def test_discover_inputs_folder_and_manifests(workspace, tmp_path):
         discover_inputs([workspace["good"][0], workspace["good"][0]])
 
 
-@pytest.mark.parametrize("fmt, workers", [("parquet", 2), ("safetensors", 0)])
-def test_embed_matches_model_and_reports_bad_files(workspace, tmp_path, capsys, fmt, workers):
-    out = tmp_path / f"emb.{fmt}"
+@pytest.mark.parametrize("workers, export", [(2, None), (0, "emb.safetensors"), (0, "emb.parquet")])
+def test_embed_matches_model_and_reports_bad_files(workspace, tmp_path, capsys, workers, export):
+    out = tmp_path / "emb"
     argv = ["embed", str(workspace["images"]), "--model", str(workspace["model_dir"]), "--out", str(out)]
-    assert main([*argv, "--batch-size", "4", "--num-workers", str(workers), "--no-progress"]) == 0
+    options = ["--batch-size", "4", "--num-workers", str(workers), "--no-progress"]
+    assert main([*argv, *options, *(["--export", str(tmp_path / export)] if export else [])]) == 0
     assert "embedded 6, skipped 0" in capsys.readouterr().out
 
     ids, paths, embeddings = read_embeddings(out)
@@ -93,8 +95,14 @@ def test_embed_matches_model_and_reports_bad_files(workspace, tmp_path, capsys, 
     order = [paths.index(str(p)) for p in good]
     np.testing.assert_allclose(embeddings[order], direct_embeddings(workspace["model_dir"], good), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    manifest = read_manifest(out)
+    assert manifest["rows"] == 6 and manifest["dim"] == 16 and sum(s["rows"] for s in manifest["shards"]) == 6
+    assert manifest["model"]["model_dir"] == str(workspace["model_dir"])
+    if export:
+        exported_ids, _, exported = read_embeddings(tmp_path / export)
+        assert exported_ids == ids and np.array_equal(exported, embeddings)
 
-    with open(f"{out}.errors.csv") as handle:
+    with open(out / "errors.csv") as handle:
         errors = list(csv.DictReader(handle))
     assert sorted(Path(row["path"]).name for row in errors) == ["empty.png", "report.png", "truncated.png"]
     for row in errors:
@@ -105,13 +113,34 @@ def test_embed_matches_model_and_reports_bad_files(workspace, tmp_path, capsys, 
     assert read_embeddings(out)[0] == ids
 
 
+def test_embed_with_report_texts_stores_each_rows_text_embedding(workspace, tmp_path):
+    manifest = tmp_path / "pairs.csv"
+    reports = ["Small left pleural effusion.", "The lungs are clear.", "Cardiomegaly. No pneumothorax."]
+    rows = [f"p{i},{path},{text}" for i, (path, text) in enumerate(zip(workspace["good"], reports))]
+    manifest.write_text("id,path,report\n" + "\n".join(rows) + "\n")
+    engine = InferenceEngine.from_pretrained(workspace["model_dir"])
+    run_embed(manifest, tmp_path / "emb", engine, batch_size=2, num_workers=0, progress=False, text_column="report")
+    stored = read_store(tmp_path / "emb", ("id", "text", "embedding", "text_embedding"))
+    assert stored["id"] == ["p0", "p1", "p2"] and stored["text"] == reports
+    np.testing.assert_allclose(stored["text_embedding"], engine.embed_texts(reports), atol=1e-6)
+    assert not np.allclose(stored["text_embedding"], stored["embedding"], atol=1e-2)
+    with pytest.raises(ValueError, match=r"pairs\.csv.*no text column 'findings'"):
+        run_embed(manifest, tmp_path / "other", engine, num_workers=0, progress=False, text_column="findings")
+
+
+def test_embed_out_must_be_a_folder(workspace, tmp_path, capsys):
+    argv = ["embed", str(workspace["good"][0]), "--model", str(workspace["model_dir"]), "--out"]
+    assert main([*argv, str(tmp_path / "emb.parquet"), "--no-progress"]) == 2
+    assert "folder of Parquet shards" in capsys.readouterr().err and not (tmp_path / "emb.parquet").exists()
+
+
 def test_embed_resumes_after_new_files_and_after_a_crash(workspace, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for path in workspace["good"][:3]:
         (folder / path.name).write_bytes(path.read_bytes())
     engine = InferenceEngine.from_pretrained(workspace["model_dir"])
-    out = tmp_path / "emb.parquet"
+    out = tmp_path / "emb"
     first = run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False)
     assert (first.embedded, first.skipped, first.failed) == (3, 0, 0)
 
@@ -126,14 +155,15 @@ def test_embed_resumes_after_new_files_and_after_a_crash(workspace, tmp_path):
         return real_forward(pixel_values)
 
     engine.embed_pixels = crashing_forward
+    shards_before = len(shard_paths(out))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False, chunk_rows=1)
-    assert list(Path(f"{out}.parts").glob("part-*.parquet"))  # the first batch survived the crash
+        run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False, shard_rows=1)
+    assert len(shard_paths(out)) == shards_before + 1 and len(stored_ids(out)) == 5  # the first batch survived
     engine.embed_pixels = real_forward
 
     resumed = run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False)
     assert (resumed.embedded, resumed.skipped, resumed.failed) == (1, 5, 0)
-    assert resumed.total_rows == 6 and not Path(f"{out}.parts").exists()
+    assert resumed.total_rows == 6
     ids, paths, embeddings = read_embeddings(out)
     assert sorted(ids) == sorted(p.name for p in workspace["good"])
     order = [ids.index(p.name) for p in workspace["good"]]
@@ -143,30 +173,6 @@ def test_embed_resumes_after_new_files_and_after_a_crash(workspace, tmp_path):
 
     again = run_embed(folder, out, engine, batch_size=2, num_workers=0, progress=False)
     assert (again.embedded, again.skipped) == (0, 6)
-
-
-def test_embed_killed_in_the_finalisation_window_keeps_each_id_once(workspace, tmp_path, monkeypatch):
-    """A kill after OUT is written but before OUT.parts/ is removed: the re-run gives one row per image."""
-    from chexficient.inference import embed as embed_module
-
-    engine = InferenceEngine.from_pretrained(workspace["model_dir"])
-    out = tmp_path / "emb.safetensors"
-    first = run_embed(workspace["good"][:2], out, engine, batch_size=2, num_workers=0, progress=False)
-    assert first.total_rows == 2
-
-    def killed(path, **kwargs):  # the process dies between writing OUT and removing the chunks
-        raise KeyboardInterrupt("killed in the finalisation window")
-
-    monkeypatch.setattr(embed_module.shutil, "rmtree", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_embed(workspace["good"], out, engine, batch_size=2, num_workers=0, progress=False, chunk_rows=1)
-    monkeypatch.undo()
-    assert Path(f"{out}.parts").is_dir() and len(read_embeddings(out)[0]) == len(workspace["good"])
-
-    again = run_embed(workspace["good"], out, engine, batch_size=2, num_workers=0, progress=False)
-    ids, _, embeddings = read_embeddings(out)
-    assert again.embedded == 0 and again.total_rows == len(workspace["good"]) == len(ids) == len(set(ids))
-    assert embeddings.shape == (len(ids), 16) and not Path(f"{out}.parts").exists()
 
 
 def test_csv_outputs_escape_spreadsheet_formulas(workspace, tmp_path):

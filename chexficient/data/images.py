@@ -29,10 +29,12 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, ImportError)
 
 @dataclass(frozen=True)
 class InputItem:
-    """One image to process: a stable `id` (unique within a run) and the file's `path`."""
+    """One image to process: a stable `id` (unique within a run), the file's `path`, and its report `text` when a
+    manifest's text column was asked for."""
 
     id: str
     path: str
+    text: str | None = None
 
 
 # ----- decoding --------------------------------------------------------------------------------------------------
@@ -65,9 +67,12 @@ def decode_image(image_processor: Any, source: Any, name: str) -> tuple[np.ndarr
 # ----- finding inputs --------------------------------------------------------------------------------------------
 
 
-def _read_input_manifest(manifest: Path) -> list[InputItem]:
-    """A CSV (a path column, optional `id`) or TXT (one path a line) manifest; relative paths from its folder."""
+def _read_input_manifest(manifest: Path, text_column: str | None = None) -> list[InputItem]:
+    """A CSV (a path column, optional `id` and `text_column`) or TXT (one path a line) manifest; relative paths from
+    its folder."""
     base = manifest.parent
+    if text_column is not None and manifest.suffix.lower() != ".csv":
+        raise ValueError(f"{manifest}: a text column needs a .csv manifest.")
     items: list[InputItem] = []
     if manifest.suffix.lower() == ".txt":
         for line in manifest.read_text().splitlines():
@@ -82,29 +87,38 @@ def _read_input_manifest(manifest: Path) -> list[InputItem]:
         column = next((c for c in PATH_COLUMNS if c in fields), None)
         if column is None:
             raise ValueError(f"{manifest}: no image path column; expected one of {list(PATH_COLUMNS)}, got {fields}.")
+        if text_column is not None and text_column not in fields:
+            raise ValueError(f"{manifest}: no text column {text_column!r}; its columns are {fields}.")
         for row_number, row in enumerate(reader, start=2):
             value = (row.get(column) or "").strip()
             if not value:
                 raise ValueError(f"{manifest}: row {row_number} has an empty {column!r} field.")
             path = Path(value) if Path(value).is_absolute() else base / value
-            items.append(InputItem((row.get("id") or "").strip() or value, str(path)))
+            text = " ".join((row.get(text_column) or "").split()) if text_column is not None else None
+            items.append(InputItem((row.get("id") or "").strip() or value, str(path), text))
     return items
 
 
-def discover_inputs(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[InputItem]:
+def discover_inputs(
+    source: str | os.PathLike | Sequence[str | os.PathLike], text_column: str | None = None
+) -> list[InputItem]:
     """Images to process, in a stable order.
 
     `source` is a folder (searched recursively for .png/.jpg/.jpeg/.dcm/.dicom; ids are paths relative to it), a
-    .csv manifest (a `path`/`image`/`file` column, optional `id`), a .txt manifest (one path a line), a single image
-    file, or a list of paths (ids are the paths as given). Duplicate ids are an error.
+    .csv manifest (a `path`/`image`/`file` column, optional `id`, and `text_column` when given), a .txt manifest (one
+    path a line), a single image file, or a list of paths (ids are the paths as given). Duplicate ids are an error.
     """
+    if text_column is not None and not (
+        isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv"
+    ):
+        raise ValueError(f"--text-column {text_column!r} reads report texts from a .csv manifest, not {source!r}.")
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             items = [InputItem(p.relative_to(root).as_posix(), str(p)) for p in files]
         elif root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
-            items = _read_input_manifest(root)
+            items = _read_input_manifest(root, text_column)
         elif root.is_file():
             items = [InputItem(root.name, str(root))]
         else:

@@ -4,7 +4,7 @@
     accelerate launch train/pretrain.py --train_manifest curated/subset.csv ...
 
 The manifest is read once; its pairs are embedded in batches (resumable, exactly once, like `chexficient embed`: the
-[image ; text] embeddings go to `OUT/embeddings.safetensors`), the prototypes start from k-means on a warm-up sample,
+image and report embeddings go to the store `OUT/embeddings/`), the prototypes start from k-means on a warm-up sample,
 and the trainer's own curator (`curate_super_batch`, the same code train/pretrain.py runs) walks shuffled
 super-batches of the chosen size. The kept pairs are written as `OUT/subset.<suffix>` (the input's rows and columns)
 and `OUT/curated_subset.json`; `OUT/report.json`, `OUT/report.md` and the figures come from `curation_report`.
@@ -30,10 +30,10 @@ from ..data.pairs import ImageReportCollator, ImageReportDataset, PairTable, loa
 from ..data.subsets import curated_subset_record, write_curated_subset
 from ..runtime import resolve_device
 from .curation_report import CurationRun, label_columns, plot_figures, report_markdown, subset_report
-from .embed import EmbeddingStore, read_embeddings
+from .store import ShardWriter, read_store, stored_ids, write_manifest
 
 
-EMBEDDINGS_FILE = "embeddings.safetensors"
+EMBEDDINGS_DIR = "embeddings"  # the pairs' store: image and report embeddings, Parquet shards
 SUBSET_SUFFIXES = (".csv", ".parquet", ".jsonl")
 
 
@@ -113,13 +113,13 @@ def embed_pairs(
     chunk_rows: int = 1024,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image_embeds [N, D], text_embeds [N, D], valid [N]) of every pair, stored as [image ; text] rows in `out`
-    (the `chexficient embed` store: chunks while it runs, each id once whatever the moment of a kill); a re-run
-    embeds only the pairs not stored yet. Unreadable images are embedded as zeros and marked invalid."""
+    """(image_embeds [N, D], text_embeds [N, D], valid [N]) of every pair, stored with its report in the store `out`
+    (the `chexficient embed` store: complete shards while it runs, each id once whatever the moment of a kill); a
+    re-run embeds only the pairs not stored yet. Unreadable images are embedded as zeros and marked invalid."""
     from tqdm.auto import tqdm
 
-    store = EmbeddingStore(out, "safetensors", chunk_rows=chunk_rows)
-    done = store.existing_ids()
+    writer = ShardWriter(out, shard_rows=chunk_rows)
+    done = stored_ids(out)
     todo = [i for i, sample_id in enumerate(pairs.ids) if sample_id not in done]
     size = image_processor.crop_size["height"], image_processor.crop_size["width"]
     loader = torch.utils.data.DataLoader(
@@ -132,17 +132,23 @@ def embed_pairs(
     for batch in tqdm(loader, desc="embedding pairs", unit="batch", disable=not progress):
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
         out_ = model(**{k: v for k, v in inputs.items() if k in batch})
-        rows = torch.cat([out_.image_embeds.float(), out_.text_embeds.float()], dim=-1).cpu()
-        rows[~batch["valid"]] = 0.0  # an unreadable image: a zero row, marked invalid on reading
+        images = out_.image_embeds.float().cpu()
+        images[~batch["valid"]] = 0.0  # an unreadable image: a zero row, marked invalid on reading
         indices = batch["sample_index"].tolist()
-        store.append([pairs.ids[i] for i in indices], [str(pairs.images[i]) for i in indices], rows.numpy())
-    store.finalize()
-    ids, _, rows = read_embeddings(out, "safetensors")
-    position = {sample_id: row for row, sample_id in enumerate(ids)}
-    rows = torch.from_numpy(rows[[position[sample_id] for sample_id in pairs.ids]])
-    dim = rows.shape[1] // 2
-    valid = rows.abs().sum(dim=1) > 0
-    return rows[:, :dim], rows[:, dim:], valid
+        writer.append(
+            [pairs.ids[i] for i in indices],
+            [str(pairs.images[i]) for i in indices],
+            images.numpy(),
+            texts=[pairs.texts[i] for i in indices],
+            text_embeddings=out_.text_embeds.float().cpu().numpy(),
+        )
+    writer.flush()
+    write_manifest(out)
+    stored = read_store(out, ("id", "embedding", "text_embedding"))
+    position = {sample_id: row for row, sample_id in enumerate(stored["id"])}
+    order = [position[sample_id] for sample_id in pairs.ids]
+    images = torch.from_numpy(stored["embedding"][order])
+    return images, torch.from_numpy(stored["text_embedding"][order]), images.abs().sum(dim=1) > 0
 
 
 # ----- the command -------------------------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def curate_archive(
         processor.tokenizer,
         processor.image_processor,
         pairs,
-        out / EMBEDDINGS_FILE,
+        out / EMBEDDINGS_DIR,
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         chunk_rows=options.chunk_rows,

@@ -137,6 +137,7 @@ class InferenceEngine:
         self._image_fn = torch.compile(model.get_image_features, dynamic=False) if compile else None
         self._compiled_batch: int | None = None
         self.forward_calls = 0
+        self.model_dir: str | None = None  # the folder it was loaded from, recorded beside what it embeds
         self._text_lock = threading.Lock()  # the prompt cache is shared by request threads
         vision = model.config.vision_config
         self.image_size = int(vision.image_size)
@@ -158,9 +159,11 @@ class InferenceEngine:
         attn = "sdpa"  # both towers support it; on CUDA it dispatches to flash / memory-efficient kernels
         model = CheXficientModel.from_pretrained(model_dir, attn_implementation=attn, local_files_only=True)
         image_processor, tokenizer = load_processor(model_dir)
-        return cls(
+        engine = cls(
             model, image_processor, tokenizer, device=resolved, dtype=dtype, compile=compile, preprocess=preprocess
         )
+        engine.model_dir = os.fspath(model_dir)
+        return engine
 
     @property
     def info(self) -> EngineInfo:
@@ -191,6 +194,25 @@ class InferenceEngine:
         pixel_values = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
         self.forward_calls += 1
         return self._forward(pixel_values).float()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], max_length: int = 256, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised text embeddings [N, D] (float32, on the host) of report `texts`, truncated at `max_length`
+        tokens as in pretraining."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer, so report texts cannot be embedded.")
+        rows = []
+        for begin in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                list(texts[begin : begin + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            tokens = {k: v.to(self.device) for k, v in tokens.items()}
+            rows.append(self.model.get_text_features(**tokens).float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.projection_dim), np.float32)
 
     def embed_numpy(self, pixel_values: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embeddings [B, D] as a float32 numpy array on the host."""
