@@ -21,6 +21,8 @@ DESCRIPTION = """Fast CheXficient inference from a local model folder (nothing i
   chexficient embed    INPUT --model DIR --out emb/              embeddings into Parquet shards (resumable)
   chexficient classify INPUT --model DIR --labels "A,B" --out p.csv   zero-shot probabilities (csv or json)
   chexficient curate   PAIRS --model DIR --out DIR              curate an archive of image-report pairs
+  chexficient index    EMB_DIR --out INDEX [--memory-budget 4GB]  FAISS index of a store (exact, IVF, PQ, HNSW)
+  chexficient search   INDEX (--image FILE | --text "...") -k 10  nearest stored images of an image or a report
   chexficient serve    --model DIR [--port 8000]                  HTTP API with micro-batching
   chexficient export-onnx --model DIR --out model.onnx [--int8]   ONNX image embedder, checked against PyTorch
 
@@ -143,6 +145,123 @@ def kebab_case_flags(argv: Sequence[str], known: set[str]) -> list[str]:
     return rewritten
 
 
+# ----- index and search ------------------------------------------------------------------------------------------
+
+
+def _index_search_commands(commands: argparse._SubParsersAction) -> None:
+    """The `index` and `search` subcommands (chexficient.inference.index / .search)."""
+    from .inference.index_plan import INDEX_KINDS
+
+    index = commands.add_parser("index", help="build a FAISS index of an embedding store (index.json records it)")
+    index.add_argument("store", metavar="EMB_DIR", help="a store written by `chexficient embed`")
+    index.add_argument("--out", required=True, help="index folder: index.faiss, ids.parquet, index.json")
+    index.add_argument(
+        "--kind",
+        default="auto",
+        choices=INDEX_KINDS,
+        help="auto: exact (flat) up to 64 MB of vectors, IVF-Flat when it fits --memory-budget, IVF-PQ when not",
+    )
+    index.add_argument("--memory-budget", default="4GB", help="memory the index may take (default %(default)s)")
+    index.add_argument("--column", default="embedding", help="embedding or text_embedding (default %(default)s)")
+    index.add_argument("--nlist", type=_positive, default=None, help="IVF lists (default 4 sqrt(rows))")
+    index.add_argument("--nprobe", type=_positive, default=None, help="IVF lists searched (default: tuned)")
+    index.add_argument("--pq-m", type=_positive, default=None, help="PQ sub-quantizers (default: the budget's)")
+    index.add_argument("--pq-nbits", type=_positive, default=None, help="bits per PQ code (default 8)")
+    index.add_argument("--opq", action="store_true", help="IVF-PQ: learn an OPQ rotation first (slower build)")
+    index.add_argument(
+        "--rerank", type=int, default=None, help="IVF-PQ: re-score k x RERANK candidates exactly (default 8; 0: off)"
+    )
+    index.add_argument("--hnsw-m", type=_positive, default=32, help="HNSW links per node (default %(default)s)")
+    index.add_argument("--ef-search", type=_positive, default=None, help="HNSW search breadth (default: tuned)")
+    index.add_argument(
+        "--train-sample", type=_positive, default=None, help="rows to train IVF on (default max(40 nlist, 100k))"
+    )
+    index.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 the tuning aims at (default %(default)s)"
+    )
+    index.add_argument("--seed", type=int, default=0, help="training sample and self-check queries")
+    index.add_argument("--threads", type=_positive, default=None, help="FAISS threads (default: all CPUs)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    search = commands.add_parser("search", help="nearest stored images (or reports) of image or text queries")
+    search.add_argument("index", metavar="INDEX", help="an index folder written by `chexficient index`")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", nargs="+", metavar="FILE", help="image queries (PNG, JPEG, DICOM)")
+    query.add_argument("--text", action="append", metavar="TEXT", help="a report-style text query (repeatable)")
+    search.add_argument(
+        "--model", default=None, help="model folder (default: the one recorded in the store's manifest)"
+    )
+    search.add_argument("-k", type=_positive, default=10, help="results per query, at most 1000 (default 10)")
+    search.add_argument("--json", action="store_true", help="JSON lines: one object per query")
+    search.add_argument("--nprobe", type=_positive, default=None, help="IVF lists to search (default: the tuned)")
+    search.add_argument("--ef-search", type=_positive, default=None, help="HNSW breadth (default: the tuned)")
+    search.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
+    search.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    search.add_argument("--dtype", default="auto", choices=ENGINE_DTYPES, help="as for embed")
+
+
+def _query_model(index_dir: str, model: str | None) -> str:
+    """--model, or the model folder recorded in the indexed store's manifest."""
+    if model is not None:
+        return model
+    from .inference.faiss_index import read_record
+
+    recorded = ((read_record(index_dir).get("store") or {}).get("manifest") or {}).get("model") or {}
+    if recorded.get("model_dir") and os.path.isdir(recorded["model_dir"]):
+        return recorded["model_dir"]
+    raise ValueError(f"{index_dir}: its store records no model folder that exists here; give --model DIR.")
+
+
+def _run_index_search(args: argparse.Namespace) -> int:
+    if args.command == "index":
+        from .inference.faiss_index import index_summary
+        from .inference.index import build_index
+        from .inference.index_plan import IndexOptions
+
+        options = IndexOptions(
+            kind=args.kind,
+            memory_budget=args.memory_budget,
+            column=args.column,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            m=args.pq_m,
+            nbits=args.pq_nbits,
+            opq=args.opq,
+            rerank=args.rerank,
+            hnsw_m=args.hnsw_m,
+            ef_search=args.ef_search,
+            train_sample=args.train_sample,
+            target_recall=args.target_recall,
+            seed=args.seed,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+        record = build_index(args.store, args.out, options)
+        print(f"{index_summary(record)} -> {args.out}")
+        return 0
+    from .inference.search import SearchEngine, check_k, format_hits
+
+    k = check_k(args.k)
+    engine = SearchEngine(
+        args.index,
+        _query_model(args.index, args.model),
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        mmap=not args.no_mmap,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    queries = args.image if args.image else args.text
+    results = engine.search_images(args.image, k) if args.image else engine.search_texts(args.text, k)
+    for query, hits in zip(queries, results):
+        if args.json:
+            kind = "image" if args.image else "text"
+            print(json.dumps({"query": query, "kind": kind, "results": [hit.to_dict() for hit in hits]}))
+        else:
+            print(format_hits(query, hits))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chexficient", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--shard-rows", type=_positive, default=4096, help="rows per shard (what a kill can lose; default %(default)s)"
     )
+    embed.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (or the processes of torchrun); ray: a Ray cluster through Ray Data, CPU actors "
+        "decoding and one actor per GPU embedding (pip install 'chexficient[scale]'; default %(default)s)",
+    )
+    embed.add_argument(
+        "--ray-address", default=None, help="--engine ray: the cluster (auto, ray://head:10001); default a local Ray"
+    )
+    embed.add_argument(
+        "--num-actors", type=_positive, default=None, help="--engine ray: embedding actors (default one per GPU, or 1)"
+    )
+    embed.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="--engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs; 0: CPU actors)",
+    )
+    embed.add_argument(
+        "--decode-actors",
+        type=_positive,
+        default=None,
+        help="--engine ray: most CPU actors decoding images (default the cluster's CPUs less one per embedding actor)",
+    )
     _runtime_options(embed)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities per image")
@@ -174,13 +318,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     curate = commands.add_parser(
         "curate",
-        help="curate an archive of image-report pairs with a trained model (the trainer's curator, no training)",
+        help="curate image-report pairs with the trainer's curator, no training: an archive with a model, or a store "
+        "of embeddings (--embeddings)",
         parents=[_curation_options()],
         conflict_handler="resolve",
     )
-    curate.add_argument("manifest", metavar="PAIRS", help="CSV/JSONL/parquet manifest of image-report pairs")
-    curate.add_argument("--model", required=True, help="a trained CheXficient folder (weights, processor, tokenizer)")
+    curate.add_argument(
+        "manifest", metavar="PAIRS", nargs="?", default=None, help="CSV/JSONL/parquet manifest of image-report pairs"
+    )
+    curate.add_argument(
+        "--model", default=None, help="a trained CheXficient folder (weights, processor, tokenizer); with PAIRS"
+    )
+    curate.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="EMB_DIR",
+        help="curate this store of image and report embeddings (`chexficient embed ... --text-column COLUMN`) "
+        "instead of PAIRS: streamed, no model",
+    )
     curate.add_argument("--out", required=True, help="output folder: subset manifest, curated_subset.json, report")
+    curate.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="--embeddings: walk the store's row groups, and rows within a window, in a seeded random order "
+        "(default: the store's order)",
+    )
+    curate.add_argument(
+        "--knn-sample-rows",
+        type=_positive,
+        default=10_000,
+        help="the report's neighbour statistic and figures use at most this many rows of each set (default "
+        "%(default)s)",
+    )
     curate.add_argument("--image-root", default=None, help="folder the manifest's image paths start from")
     curate.add_argument(
         "--super-batch-size", type=_positive, default=480, help="pairs per curation decision (default %(default)s)"
@@ -191,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
     curate.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     curate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    _index_search_commands(commands)
 
     serve = commands.add_parser("serve", help="HTTP API: GET /health, POST /embed, POST /classify")
     serve.add_argument("--model", required=True, help="local model folder")
@@ -212,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", choices=ENGINE_DTYPES, help="as for embed")
     serve.add_argument("--compile", action="store_true", help="torch.compile the image tower")
     serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.add_argument("--index", default=None, help="an index folder: adds POST /search (image or text queries)")
+    serve.add_argument("--nprobe", type=_positive, default=None, help="with --index: IVF lists to search")
 
     export = commands.add_parser("export-onnx", help="ONNX image embedder, checked against PyTorch with onnxruntime")
     export.add_argument("--model", required=True, help="local model folder")
@@ -239,6 +412,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach for the Hub
     try:
+        if args.command == "embed" and args.engine == "ray":
+            from .inference.ray_embed import run_embed_ray
+
+            if args.preprocess != "cpu":
+                raise ValueError("--engine ray preprocesses in its CPU decode actors; leave --preprocess at cpu.")
+            summary = run_embed_ray(
+                _source(args.inputs),
+                args.out,
+                args.model,
+                address=args.ray_address,
+                num_gpus_per_actor=args.gpus_per_actor,
+                concurrency=args.num_actors,
+                decode_concurrency=args.decode_actors,
+                batch_size=args.batch_size,
+                text_column=args.text_column,
+                shard_rows=args.shard_rows,
+                dtype=args.dtype,
+                device=args.device,
+                compile=args.compile,
+                export=args.export,
+                progress=not args.no_progress,
+            )
+            print(summary.line())
+            return 0
+        if args.command == "embed":
+            ray_options = (args.ray_address, args.num_actors, args.gpus_per_actor, args.decode_actors)
+            if any(option is not None for option in ray_options):
+                raise ValueError("--ray-address, --num-actors, --gpus-per-actor, --decode-actors: need --engine ray.")
         if args.command in ("embed", "classify"):
             from .inference.engine import InferenceEngine
 
@@ -275,7 +476,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "curate":
             from .inference.curate import CurateOptions, curate_archive
+            from .inference.curate_store import curate_store
 
+            if args.embeddings is not None and (args.manifest is not None or args.model is not None):
+                raise ValueError(
+                    "give PAIRS --model DIR (embed and curate an archive) or --embeddings EMB_DIR (curate a store "
+                    "of embeddings, no model), not both."
+                )
+            if args.embeddings is None and args.manifest is None and args.model is None:
+                raise ValueError(
+                    "nothing to curate: give PAIRS --model DIR (embed and curate an archive) or --embeddings EMB_DIR "
+                    "(curate a store written by `chexficient embed ... --text-column COLUMN`)."
+                )
+            if args.embeddings is None and args.model is None:
+                raise ValueError("PAIRS needs --model DIR (or curate a store of embeddings: --embeddings EMB_DIR).")
+            if args.embeddings is None and args.manifest is None:
+                raise ValueError("--model needs PAIRS, the manifest of image-report pairs to embed and curate.")
             options = CurateOptions(
                 super_batch_size=args.super_batch_size,
                 seed=args.seed,
@@ -285,13 +501,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 device=args.device,
                 progress=not args.no_progress,
+                knn_sample_rows=args.knn_sample_rows,
+                shuffle=args.shuffle,
             )
-            report = curate_archive(args.manifest, args.model, args.out, _curation_config(args), options)
+            if args.embeddings is not None:
+                report = curate_store(args.embeddings, args.out, _curation_config(args), options)
+            else:
+                report = curate_archive(args.manifest, args.model, args.out, _curation_config(args), options)
             print(
                 f"kept {report['kept']} of {report['considered']} pairs ({report['share_kept']:.1%}) -> "
                 f"{Path(args.out) / report['subset_manifest']}; report in {Path(args.out) / 'report.md'}"
             )
             return 0
+        if args.command in ("index", "search"):
+            return _run_index_search(args)
         if args.command == "serve":
             from .inference.server import serve
 
@@ -306,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 dtype=args.dtype,
                 compile=args.compile,
+                index=args.index,
+                nprobe=args.nprobe,
             )
             return 0
         from .inference.onnx_export import export_onnx

@@ -26,7 +26,7 @@ from test_image_hostile import crafted_png, png_chunk
 from test_inference_cli import LABELS, write_inputs
 
 from chexficient.inference.engine import InferenceEngine
-from chexficient.inference.server import MAX_LABEL_CHARS, MAX_LABELS, create_app
+from chexficient.inference.server import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, MAX_TEXTS, create_app
 
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor
@@ -262,3 +262,122 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ----- /search and /embed_text ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def indexed(setup, tmp_path_factory) -> Path:
+    """The good images embedded by the server's engine into a store, and its (exact) index."""
+    from chexficient.inference.embed import run_embed
+    from chexficient.inference.index import build_index
+    from chexficient.inference.index_plan import IndexOptions
+
+    root = tmp_path_factory.mktemp("server_index")
+    run_embed(setup["good"], root / "emb", setup["engine"], batch_size=4, num_workers=0, progress=False)
+    build_index(root / "emb", root / "index", IndexOptions(threads=1, progress=False))
+    return root / "index"
+
+
+def direct_text_embeddings(model_dir: Path, texts: list[str]) -> np.ndarray:
+    model = CheXficientModel.from_pretrained(model_dir).eval()
+    tokens = CheXficientProcessor.from_pretrained(model_dir).tokenizer(
+        texts, padding=True, truncation=True, max_length=256, return_tensors="pt"
+    )
+    with torch.no_grad():
+        return model.get_text_features(**tokens).numpy()
+
+
+def test_search_and_embed_text_on_a_live_server(setup, indexed):
+    app = create_app(setup["engine"], index=indexed, max_batch_size=4, max_wait_ms=1)
+    texts = ["small left pleural effusion", "no acute process"]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = client.get("/health").json()
+        assert health["index"]["kind"] == "flat" and health["index"]["rows"] == len(setup["good"])
+        assert health["index"]["load_mode"] == "mmap"
+        before = list(app.state.batcher.batch_sizes)
+        for path in setup["good"]:  # 8-bit PNGs, a 16-bit PNG, a DICOM: each finds itself first
+            reply = client.post("/search", files=upload(path), params={"k": "3"})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["query"] == {"kind": "image", "filename": path.name} and body["k"] == 3
+            assert body["results"][0]["path"] == str(path) and len(body["results"]) == 3
+            assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert len(app.state.batcher.batch_sizes) > len(before)  # image queries go through the micro-batcher
+
+        expected = direct_text_embeddings(setup["model_dir"], texts)
+        truth = np.argsort(-(expected[0] @ setup["embeds"].T))
+        form = client.post("/search", data={"text": texts[0], "k": "4"})
+        as_json = client.post("/search", json={"text": texts[0], "k": 4})
+        for reply in (form, as_json):
+            assert reply.status_code == 200, reply.text
+            results = reply.json()["results"]
+            assert [r["path"] for r in results] == [str(setup["good"][i]) for i in truth[:4]]
+            np.testing.assert_allclose(
+                [r["score"] for r in results], (expected[0] @ setup["embeds"].T)[truth[:4]], atol=1e-5
+            )
+        reply = client.post("/embed_text", json={"texts": texts})
+        assert reply.status_code == 200 and reply.json()["dim"] == 16
+        np.testing.assert_allclose(reply.json()["embeddings"], expected, atol=1e-5)
+
+
+def test_hostile_search_and_embed_text_requests_get_4xx_and_the_server_stays_up(setup, indexed):
+    app = create_app(setup["engine"], index=indexed, max_upload_mb=0.05, max_batch_size=2, max_wait_ms=1)
+    empty, text, truncated = setup["bad"]
+    big = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400), dtype=np.uint8)).save(big, "PNG")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        reply = client.post("/search", files={"file": ("big.png", big.getvalue(), "image/png")})
+        assert reply.status_code == 413 and "too large" in reply.json()["detail"]
+        reply = client.post("/search", files=upload(text))  # a text file named .png
+        assert reply.status_code == 415 and "report.png" in reply.json()["detail"]
+        reply = client.post("/search", files=upload(truncated))
+        assert reply.status_code == 400 and "truncated.png" in reply.json()["detail"]
+        reply = client.post("/search", files=upload(empty))
+        assert reply.status_code == 400 and "empty" in reply.json()["detail"]
+        for k in ("0", "-3", "1001", "100000000000000000000", "ten", "2.5"):
+            reply = client.post("/search", data={"text": "effusion", "k": k})
+            assert reply.status_code == 422 and "k must be an integer from 1 to 1000" in reply.json()["detail"], k
+        assert client.post("/search", json={"text": "effusion", "k": True}).status_code == 422
+        assert client.post("/search", files=upload(setup["good"][0]), params={"k": "0"}).status_code == 422
+        for blank in ("", "   "):
+            reply = client.post("/search", data={"text": blank})
+            assert reply.status_code == 400 and "empty text" in reply.json()["detail"]
+        assert client.post("/search", json={"text": 42}).status_code == 400
+        reply = client.post("/search", json={"text": "x" * (MAX_TEXT_CHARS + 1)})
+        assert reply.status_code == 413 and f"at most {MAX_TEXT_CHARS} characters" in reply.json()["detail"]
+        reply = client.post("/search", files=upload(setup["good"][0]), data={"text": "effusion"})
+        assert reply.status_code == 422 and "not both" in reply.json()["detail"]
+        assert client.post("/search").status_code == 422  # neither an image nor a text
+        assert client.post("/search", data={"k": "5"}).status_code == 422
+        reply = client.post("/search", content=b"{not json", headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and "JSON" in reply.json()["detail"]
+
+        reply = client.post("/embed_text", json={"texts": ["effusion"] * (MAX_TEXTS + 1)})
+        assert reply.status_code == 413 and f"at most {MAX_TEXTS}" in reply.json()["detail"]
+        for bad in ({"texts": []}, {"texts": "effusion"}, {"texts": ["ok", ""]}, {"texts": ["ok", 3]}, {}, []):
+            reply = client.post("/embed_text", json=bad)
+            assert reply.status_code == 400, (bad, reply.text)
+        reply = client.post("/embed_text", json={"texts": ["x" * (MAX_TEXT_CHARS + 1)]})
+        assert reply.status_code == 413 and "texts[0]" in reply.json()["detail"]
+        huge = {"texts": ["effusion " * 1000] * 10}  # ~90 KB of JSON: over the 0.05 MB upload limit
+        assert client.post("/embed_text", json=huge).status_code == 413
+
+        assert client.get("/health").status_code == 200
+        reply = client.post("/search", files=upload(setup["good"][1]), data={"k": "2"})
+        assert reply.status_code == 200 and reply.json()["results"][0]["path"] == str(setup["good"][1])
+        assert client.post("/search", json={"text": "no acute process", "k": 2}).status_code == 200
+        assert client.post("/embed_text", json={"texts": ["effusion"] * MAX_TEXTS}).status_code == 200
+
+
+def test_search_without_an_index_is_a_clear_404_and_a_narrow_model_is_refused(setup, indexed, tmp_path):
+    app = create_app(setup["engine"], max_batch_size=2, max_wait_ms=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["index"] is None
+        reply = client.post("/search", data={"text": "effusion"})
+        assert reply.status_code == 404 and "--index" in reply.json()["detail"]
+        assert client.post("/embed_text", json={"texts": ["effusion"]}).status_code == 200  # needs no index
+    save_tiny_model(tmp_path / "narrow", projection_dim=8)
+    with pytest.raises(ValueError, match="8 dimensions"):
+        create_app(tmp_path / "narrow", index=indexed)

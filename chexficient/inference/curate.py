@@ -1,19 +1,28 @@
-"""`chexficient curate`: curate an existing archive of image-report pairs with a trained CheXficient, no training.
+"""`chexficient curate`: curate image-report pairs with the trainer's own curator, no training.
 
     chexficient curate pairs.csv --model DIR --out curated/ [--super-batch-size 480] [--seed 0]
+    chexficient curate --embeddings EMB_DIR --out curated/ [--super-batch-size 480] [--seed 0] [--shuffle]
     accelerate launch train/pretrain.py --train_manifest curated/subset.csv ...
 
-The manifest is read once; its pairs are embedded in batches (resumable, exactly once, like `chexficient embed`: the
-image and report embeddings go to the store `OUT/embeddings/`), the prototypes start from k-means on a warm-up sample,
-and the trainer's own curator (`curate_super_batch`, the same code train/pretrain.py runs) walks shuffled
-super-batches of the chosen size. The kept pairs are written as `OUT/subset.<suffix>` (the input's rows and columns)
-and `OUT/curated_subset.json`; `OUT/report.json`, `OUT/report.md` and the figures come from `curation_report`.
+With a model (`curate_archive`), the manifest is read once; its pairs are embedded in batches (resumable, exactly
+once, like `chexficient embed`: the image and report embeddings go to the store `OUT/embeddings/`), the prototypes
+start from k-means on a warm-up sample, and the trainer's own curator (`curate_super_batch`, the same code
+train/pretrain.py runs) walks shuffled super-batches of the chosen size. The kept pairs are written as
+`OUT/subset.<suffix>` (the input's rows and columns) and `OUT/curated_subset.json`; `OUT/report.json`,
+`OUT/report.md` and the figures come from `curation_report`.
+
+With `--embeddings`, `chexficient.inference.curate_store` curates a store of precomputed image and report
+embeddings without the model, streamed. Both paths take each super-batch's decision with the same function,
+`curation_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +32,21 @@ import torch
 
 from ..curation.config import CurationConfig
 from ..curation.curator import PrototypeCurator, curate_super_batch, warmup_indices
-from ..curation.functions import concat_normalized
+from ..curation.functions import SelectionResult, concat_normalized
 from ..curation.sampler import CuratingBatchSampler
 from ..data.manifests import read_manifest
 from ..data.pairs import ImageReportCollator, ImageReportDataset, PairTable, load_pairs
 from ..data.subsets import curated_subset_record, write_curated_subset
 from ..runtime import resolve_device
-from .curation_report import CurationRun, label_columns, plot_figures, report_markdown, subset_report
+from .curation_report import (
+    KNN_SAMPLE_ROWS,
+    CurationRun,
+    label_columns,
+    report_markdown,
+    spread_report,
+    subset_report,
+    subset_samples,
+)
 from .store import ShardWriter, read_store, stored_ids, write_manifest
 
 
@@ -50,6 +67,43 @@ class CurateOptions:
     device: str = "auto"
     chunk_rows: int = 1024  # embeddings per chunk file while embedding (what a kill can lose at most)
     progress: bool = True
+    knn_sample_rows: int | None = KNN_SAMPLE_ROWS  # the report's kNN statistic and figures: rows per set at most
+    shuffle: bool = False  # --embeddings: seeded shuffle of the store's row groups and of a window of rows
+    shuffle_rows: int = 32768  # --embeddings --shuffle: rows shuffled together (memory: this many rows)
+    decisions: bool = True  # --embeddings: also write every considered row's decision (OUT/decisions.parquet)
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run torch ops on one thread: a super-batch's tensors are small ([480, 2D]), where a second thread gains little,
+    and a busy or shared machine makes the threads of each op wait for each other (measured 40x slower on 2 loaded
+    cores). The store reader decodes on the other core meanwhile."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@functools.lru_cache(maxsize=1)
+def curation_step(
+    curator: PrototypeCurator,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    sample_ids: torch.Tensor,
+    valid: torch.Tensor,
+    seed: int,
+    step: int,
+) -> tuple[torch.Tensor, SelectionResult, torch.Tensor]:
+    """One super-batch of the trainer's curation epoch on fixed embeddings: the decision `curate_super_batch` takes
+    (train/pretrain.py's own) and the prototype EMA towards the kept pairs, which the trainer applies after its
+    optimizer step. Returns (keep [n], the selection, the kept pairs' normalised features [m, 2D]). Every path of
+    `chexficient curate` takes its decisions here."""
+    keep, selection = curate_super_batch(curator, image_embeds, text_embeds, sample_ids, valid, seed, step)
+    kept = concat_normalized(image_embeds[keep], text_embeds[keep])
+    curator.update_prototypes(kept)
+    return keep, selection, kept
 
 
 def curate_embeddings(
@@ -60,31 +114,36 @@ def curate_embeddings(
     *,
     super_batch_size: int = 480,
     seed: int = 0,
+    shuffle: bool = True,
 ) -> CurationRun:
     """The trainer's curation epoch on fixed embeddings [N, D] of N pairs: k-means prototypes from the trainer's
-    warm-up sample, then `curate_super_batch` and the prototype update on each super-batch of the trainer's order
-    (`CuratingBatchSampler`, one process)."""
+    warm-up sample, then `curation_step` on each super-batch of the trainer's order (`CuratingBatchSampler`, one
+    process), or of the rows' own order when `shuffle` is False (what `curate_store` walks by default)."""
     num_pairs = image_embeds.shape[0]
     curator = PrototypeCurator(config, num_samples=num_pairs)
-    warm = warmup_indices(num_pairs, config.warmup_samples, seed)
-    warm = warm[valid[warm]]
-    curator.initialize(image_embeds[warm], text_embeds[warm], generator=torch.Generator().manual_seed(seed))
     sampler = CuratingBatchSampler(num_samples=num_pairs, batch_size=super_batch_size, curation_epochs=1, seed=seed)
-    if sampler.steps_per_epoch(0) == 0:
+    steps = sampler.steps_per_epoch(0)
+    if steps == 0:
         raise ValueError(
             f"{num_pairs} pairs make no full super-batch of {super_batch_size}; lower --super-batch-size."
         )
+    order: Iterable[Sequence[int]] = sampler
+    if not shuffle:
+        order = (range(step * super_batch_size, (step + 1) * super_batch_size) for step in range(steps))
     considered = torch.zeros(num_pairs, dtype=torch.bool)
     cluster_ids = torch.full((num_pairs,), -1, dtype=torch.long)
     log = []
-    for step, batch in enumerate(sampler):
-        ids = torch.tensor(batch, dtype=torch.long)
-        images, texts, ok = image_embeds[ids], text_embeds[ids], valid[ids]
-        keep, selection = curate_super_batch(curator, images, texts, ids, ok, seed, step)
-        curator.update_prototypes(concat_normalized(images[keep], texts[keep]))
-        considered[ids] = True
-        cluster_ids[ids] = selection.cluster_ids
-        log.append({"step": step, "candidates": int(ok.sum()), "kept": int(keep.sum())})
+    with one_intra_op_thread():
+        warm = warmup_indices(num_pairs, config.warmup_samples, seed)
+        warm = warm[valid[warm]]
+        curator.initialize(image_embeds[warm], text_embeds[warm], generator=torch.Generator().manual_seed(seed))
+        for step, batch in enumerate(order):
+            ids = torch.as_tensor(list(batch), dtype=torch.long)
+            images, texts, ok = image_embeds[ids], text_embeds[ids], valid[ids]
+            keep, selection, _ = curation_step(curator, images, texts, ids, ok, seed, step)
+            considered[ids] = True
+            cluster_ids[ids] = selection.cluster_ids
+            log.append({"step": step, "candidates": int(ok.sum()), "kept": int(keep.sum())})
     return CurationRun(
         kept=curator.curated.clone(),
         valid=valid.clone(),
@@ -202,11 +261,14 @@ def curate_archive(
     random_subset = np.zeros(len(kept), dtype=bool)
     generator = np.random.default_rng(options.seed)
     random_subset[generator.choice(readable, size=min(int(kept.sum()), len(readable)), replace=False)] = True
-    features = concat_normalized(image_embeds, text_embeds)
     labels = options.label_columns if options.label_columns is not None else label_columns(table)
-    report = subset_report(run, features, table, labels, random_subset)
+    report = subset_report(run, table, labels, random_subset)
     subsets = {"pool": run.valid.numpy(), "curated": kept, "random": random_subset}
-    report["figures"] = {k: Path(v).name for k, v in plot_figures(features, subsets, out).items()}
+    samples = subset_samples(
+        concat_normalized(image_embeds, text_embeds), subsets, options.knn_sample_rows, options.seed
+    )
+    sizes = {name: int(chosen.sum()) for name, chosen in subsets.items()}
+    report = spread_report(report, samples, out, set_sizes=sizes, max_rows=options.knn_sample_rows)
     report["settings"] = {"super_batch_size": options.super_batch_size, "seed": options.seed, **asdict(config)}
     report["subset_manifest"] = subset_path.name
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -228,4 +290,13 @@ def write_subset_rows(rows: Any, out: Path, suffix: str) -> Path:
     return path
 
 
-__all__ = ["CurateOptions", "CurationRun", "curate_archive", "curate_embeddings", "embed_pairs"]
+__all__ = [
+    "CurateOptions",
+    "CurationRun",
+    "curate_archive",
+    "curate_embeddings",
+    "curation_step",
+    "embed_pairs",
+    "one_intra_op_thread",
+    "write_subset_rows",
+]

@@ -153,7 +153,9 @@ def run_embed(
     failures: list[tuple[InputItem, str]] = []
     embedded = 0
     loader = engine.make_loader(todo, batch_size, num_workers if todo else 0)
-    bar = tqdm(total=len(todo), unit="img", desc=f"embed (rank {rank})" if world > 1 else "embed", disable=not progress)
+    bar = tqdm(
+        total=len(todo), unit="img", desc=f"embed (rank {rank})" if world > 1 else "embed", disable=not progress
+    )
     with bar:
         for batch, embeddings in engine.iter_embeddings(loader):
             failures += [(todo[index], message) for index, message in batch.failed]

@@ -10,9 +10,16 @@ missing fields or labels (at most `MAX_LABELS` labels of at most `MAX_LABEL_CHAR
 Label sets are tokenised and embedded in the request's own thread (not in the batching thread, where every queued
 request would wait for it) and kept in the model's LRU prompt cache (`CheXficientModel.zero_shot_cache_size`).
 
-    GET  /health
-    POST /embed     multipart: file=<image>                       -> {"filename", "dim", "embedding"}
-    POST /classify  multipart: file=<image>, labels="A,B" (form or ?labels=)  -> {"filename", "probabilities"}
+With an index (`serve --index INDEX`, `chexficient.inference.search.SearchEngine`), `/search` answers image queries
+(embedded in the micro-batches, like `/embed`, with the same upload limits and errors) and text queries; without
+one it answers 404 saying how to load one. `k` is 1..`MAX_K` (422 otherwise). `/embed_text` takes at most
+`MAX_TEXTS` texts of at most `MAX_TEXT_CHARS` characters (413 over either, 400 for an empty or non-string text).
+
+    GET  /health                                                   (+ "index": kind, rows, ... with --index)
+    POST /embed       multipart: file=<image>                       -> {"filename", "dim", "embedding"}
+    POST /classify    multipart: file=<image>, labels="A,B" (form or ?labels=)  -> {"filename", "probabilities"}
+    POST /search      multipart file=<image> or form/JSON text="...", k=10 (or ?k=)  -> {"query", "k", "results"}
+    POST /embed_text  JSON {"texts": ["...", ...]}                  -> {"dim", "embeddings"}
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 100
+MAX_TEXTS = 64  # texts per /embed_text request
+MAX_TEXT_CHARS = 4096  # characters per text (the tokenizer keeps the first 256 tokens anyway)
 IMAGE_FIELD = "a PNG, JPEG or DICOM radiograph"
 LABELS_FIELD = "comma-separated findings, e.g. 'Pneumothorax,Cardiomegaly' (or the `labels` query parameter)"
 
@@ -236,10 +245,14 @@ def create_app(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool = False,
+    index: str | os.PathLike | Any = None,
+    nprobe: int | None = None,
 ) -> Any:
-    """The FastAPI app for a model folder or an already loaded `InferenceEngine`.
+    """The FastAPI app for a model folder or an already loaded `InferenceEngine`, and optionally an index folder
+    (or a loaded `SearchEngine`) for `/search`.
 
-    `app.state.engine` and `app.state.batcher` (whose `batch_sizes` lists every forward's batch size) are exposed.
+    `app.state.engine`, `app.state.batcher` (whose `batch_sizes` lists every forward's batch size) and
+    `app.state.search` (None without an index) are exposed.
     """
     if max_batch_size < 1 or max_wait_ms < 0 or max_upload_mb <= 0:
         raise ValueError("max_batch_size must be >= 1, max_wait_ms >= 0 and max_upload_mb > 0.")
@@ -258,6 +271,7 @@ def create_app(
     app = FastAPI(title="CheXficient", summary="Chest X-ray embeddings and zero-shot findings.", lifespan=lifespan)
     app.state.engine = engine
     app.state.batcher = batcher
+    app.state.search = _search_engine(index, engine, nprobe)
 
     async def decode(file: UploadFile) -> np.ndarray:
         data = await file.read(max_bytes + 1)
@@ -287,6 +301,7 @@ def create_app(
             "zero_shot": engine.tokenizer is not None,
             "batches": len(batcher.batch_sizes),
             "requests": sum(batcher.batch_sizes),
+            "index": app.state.search.info() if app.state.search is not None else None,
         }
 
     @app.post("/embed")
@@ -327,8 +342,119 @@ def create_app(
         probs = {label: float(p) for label, p in zip(label_list, result["probabilities"])}
         return {"filename": file.filename, "probabilities": probs}
 
+    _add_search_routes(app, decode, max_bytes)
     app.add_middleware(UploadLimitMiddleware, max_bytes=max_bytes + 64 * 1024)  # room for the multipart framing
     return app
+
+
+# ----- search and text embedding -------------------------------------------------------------------------------
+
+
+def _search_engine(index: Any, engine: InferenceEngine, nprobe: int | None) -> Any:
+    """A `SearchEngine` over `index` (a folder or a loaded one) that embeds queries with `engine`; None without."""
+    if index is None:
+        return None
+    from .search import SearchEngine
+
+    if isinstance(index, SearchEngine):
+        return index
+    return SearchEngine(index, engine=engine, nprobe=nprobe)
+
+
+async def _json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise HTTPException(413, f"request body too large; the limit is {max_bytes / 2**20:g} MB.")
+    try:
+        payload = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HTTPException(400, f"the body is not valid JSON ({error}).") from error
+    if not isinstance(payload, dict):
+        raise HTTPException(400, 'the JSON body must be an object, e.g. {"text": "...", "k": 10}.')
+    return payload
+
+
+def _check_text(text: Any, field_name: str = "text") -> str:
+    if not isinstance(text, str):
+        raise HTTPException(400, f"{field_name}: must be a string, got {type(text).__name__}.")
+    if not text.strip():
+        raise HTTPException(400, f"{field_name}: empty text query.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise HTTPException(413, f"{field_name}: at most {MAX_TEXT_CHARS} characters, got {len(text)}.")
+    return text
+
+
+def _check_k(raw: Any) -> int:
+    from .search import MAX_K, check_k
+
+    if raw is None:
+        return 10
+    try:
+        return check_k(int(raw) if isinstance(raw, str) and raw.strip().lstrip("-").isdigit() else raw)
+    except ValueError as error:
+        raise HTTPException(422, f"k must be an integer from 1 to {MAX_K}, got {str(raw)[:40]!r}.") from error
+
+
+def _add_search_routes(app: Any, decode: Callable[[Any], Awaitable[np.ndarray]], max_bytes: int) -> None:
+    """POST /search and POST /embed_text on `app` (its engine, batcher and search engine from `app.state`)."""
+    from starlette.datastructures import UploadFile as StarletteUpload
+
+    engine, batcher = app.state.engine, app.state.batcher
+
+    def need_tokenizer(route: str) -> None:
+        if engine.tokenizer is None:
+            raise HTTPException(422, f"this model folder has no tokenizer, so {route} takes no text.")
+
+    @app.post("/search")
+    async def search(request: Request) -> dict[str, Any]:
+        searcher = app.state.search
+        if searcher is None:
+            raise HTTPException(404, "no index loaded: start the server with `chexficient serve --index INDEX`.")
+        content_type = request.headers.get("content-type", "")
+        raw_k = request.query_params.get("k")
+        if content_type.startswith("application/json"):
+            payload = await _json_object(request, max_bytes)
+            return await answer(searcher, None, payload.get("text"), _check_k(payload.get("k", raw_k)))
+        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise HTTPException(
+                422, "give an image upload (multipart field `file`) or a text query (form or JSON field `text`)."
+            )
+        async with request.form(max_files=1, max_fields=16) as form:
+            upload, text, raw_k = form.get("file"), form.get("text"), form.get("k", raw_k)
+            if upload is not None and not isinstance(upload, StarletteUpload):
+                raise HTTPException(422, "file: must be an uploaded image (multipart/form-data).")
+            return await answer(searcher, upload, text, _check_k(raw_k))
+
+    async def answer(searcher: Any, upload: Any, text: Any, k: int) -> dict[str, Any]:
+        if upload is not None and text is not None:
+            raise HTTPException(422, "give an image (`file`) or a `text` query, not both.")
+        if upload is None and text is None:
+            raise HTTPException(
+                422, "give an image upload (multipart field `file`) or a text query (form or JSON field `text`)."
+            )
+        if upload is not None:
+            pixels = await decode(upload)
+            embedding = (await batcher.submit(pixels))["embedding"]
+            query: dict[str, Any] = {"kind": "image", "filename": upload.filename}
+        else:
+            need_tokenizer("/search")
+            text = _check_text(text)
+            embedding = (await run_in_threadpool(engine.embed_texts, [text]))[0]
+            query = {"kind": "text", "text": text}
+        hits = (await run_in_threadpool(searcher.search_vectors, embedding, k))[0]
+        return {"query": query, "k": k, "results": [hit.to_dict() for hit in hits]}
+
+    @app.post("/embed_text")
+    async def embed_text(request: Request) -> dict[str, Any]:
+        need_tokenizer("/embed_text")
+        texts = (await _json_object(request, max_bytes)).get("texts")
+        if not isinstance(texts, list) or not texts:
+            raise HTTPException(400, 'texts: give a non-empty JSON list of strings, e.g. {"texts": ["..."]}.')
+        if len(texts) > MAX_TEXTS:
+            raise HTTPException(413, f"texts: at most {MAX_TEXTS} per request, got {len(texts)}.")
+        texts = [_check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
+        embeddings = await run_in_threadpool(engine.embed_texts, texts)
+        return {"dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs: Any) -> None:
@@ -341,6 +467,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, log_level: 
 __all__ = [
     "MAX_LABELS",
     "MAX_LABEL_CHARS",
+    "MAX_TEXTS",
+    "MAX_TEXT_CHARS",
     "MicroBatcher",
     "UploadLimitMiddleware",
     "create_app",

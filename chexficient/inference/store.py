@@ -213,6 +213,47 @@ class ShardWriter:
         return path
 
 
+class ParquetSink:
+    """Rows appended as Arrow tables, written by a streaming `ParquetWriter` in row groups of `row_group_rows` rows to a
+    hidden temporary file, renamed into place by `close()` (a killed run leaves no partial file under the name)."""
+
+    def __init__(self, path: Path, row_group_rows: int = 65536):
+        self.path, self.row_group_rows = path, row_group_rows
+        self.temporary = path.with_name(f".tmp-{path.name}")
+        self.writer: Any = None
+        self.pending: list[Any] = []
+        self.rows = 0
+
+    def append(self, table: Any) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.row_group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.temporary, table.schema)
+        self.writer.write_table(table, row_group_size=self.row_group_rows)
+        self.pending, self.rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.temporary, self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.temporary.unlink(missing_ok=True)
+
+
 def stored_ids(folder: str | os.PathLike) -> set[str]:
     """Ids already in the store's complete shards; reads the `id` column only."""
     shards = shard_paths(folder)
@@ -232,26 +273,29 @@ def stored_dim(folder: str | os.PathLike) -> int | None:
 def iter_batches(
     folder: str | os.PathLike, columns: Sequence[str] = ("id", "path", "embedding"), batch_rows: int = 65536
 ) -> Iterator[dict[str, Any]]:
-    """Stream the store: dicts of `columns` per record batch, embedding columns as [n, D] float32, text as lists."""
-    shards = shard_paths(folder)
-    if not shards:
-        return
-    for batch in _dataset(folder, shards).to_batches(columns=list(columns), batch_size=batch_rows):
-        yield {
-            name: column_matrix(batch.column(name)) if name.endswith("embedding") else batch.column(name).to_pylist()
-            for name in columns
-        }
+    """Stream the store: dicts of `columns` per record batch, embedding columns as [n, D] float32, text as lists.
+    Shard by shard, so memory holds one batch (a dataset scanner reads ahead several files at once)."""
+    import pyarrow.parquet as pq
+
+    for shard in shard_paths(folder):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=list(columns)):
+            yield {
+                name: column_matrix(batch.column(name))
+                if name.endswith("embedding")
+                else batch.column(name).to_pylist()
+                for name in columns
+            }
 
 
-def read_store(
-    folder: str | os.PathLike, columns: Sequence[str] = ("id", "path", "embedding")
-) -> dict[str, Any]:
+def read_store(folder: str | os.PathLike, columns: Sequence[str] = ("id", "path", "embedding")) -> dict[str, Any]:
     """The whole store in memory (for sets that fit): each column as a list or an [N, D] matrix."""
     parts = list(iter_batches(folder, columns))
     if not parts:
         return {name: np.zeros((0, 0), np.float32) if name.endswith("embedding") else [] for name in columns}
     return {
-        name: np.concatenate([p[name] for p in parts]) if name.endswith("embedding") else sum((p[name] for p in parts), [])
+        name: np.concatenate([p[name] for p in parts])
+        if name.endswith("embedding")
+        else sum((p[name] for p in parts), [])
         for name in columns
     }
 
@@ -318,6 +362,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], list[str], np.n
 
 
 __all__ = [
+    "ParquetSink",
     "ERRORS_FILE",
     "MANIFEST_FILE",
     "STORE_FORMAT",
