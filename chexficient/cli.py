@@ -159,14 +159,14 @@ def _index_search_commands(commands: argparse._SubParsersAction) -> None:
         "--kind",
         default="auto",
         choices=INDEX_KINDS,
-        help="auto: exact (flat) up to 64 MB of vectors, IVF-Flat when it fits --memory-budget, IVF-PQ when not",
+        help="auto: exact (flat) up to 64 MB of vectors, else IVF-PQ (fast-scan codes, exact re-ranking)",
     )
     index.add_argument("--memory-budget", default="4GB", help="memory the index may take (default %(default)s)")
     index.add_argument("--column", default="embedding", help="embedding or text_embedding (default %(default)s)")
     index.add_argument("--nlist", type=_positive, default=None, help="IVF lists (default 4 sqrt(rows))")
     index.add_argument("--nprobe", type=_positive, default=None, help="IVF lists searched (default: tuned)")
     index.add_argument("--pq-m", type=_positive, default=None, help="PQ sub-quantizers (default: the budget's)")
-    index.add_argument("--pq-nbits", type=_positive, default=None, help="bits per PQ code (default 8)")
+    index.add_argument("--pq-nbits", type=_positive, default=None, help="bits per PQ code (default 4: fast-scan)")
     index.add_argument("--opq", action="store_true", help="IVF-PQ: learn an OPQ rotation first (slower build)")
     index.add_argument(
         "--rerank", type=int, default=None, help="IVF-PQ: re-score k x RERANK candidates exactly (default 8; 0: off)"

@@ -169,7 +169,7 @@ def test_each_kind_reaches_recall_and_reloads_memory_mapped(clustered, kind):
         assert record["training"]["sample_rows"] == ROWS and record["choice"]["requested"] == kind
     if kind == "ivf_pq":
         pq_index = faiss.downcast_index(ivf)
-        assert isinstance(pq_index, faiss.IndexIVFPQ) and (pq_index.pq.M, pq_index.pq.nbits) == (
+        assert isinstance(pq_index, faiss.IndexIVFPQFastScan) and (pq_index.pq.M, pq_index.pq.nbits) == (
             record["m"],
             record["nbits"],
         )
@@ -226,17 +226,20 @@ def test_auto_picks_flat_when_small_and_ivf_pq_under_a_tiny_budget(clustered):
 
 
 def test_auto_plan_at_archive_scale():
-    """1.2M x 512 (the paper's corpus): IVF-Flat under the default 4 GB, IVF-PQ under 1 GB; exact while the vectors
-    take at most EXACT_MAX_BYTES."""
+    """1.2M x 512 (the paper's corpus): IVF-PQ with 4-bit fast-scan codes under the default 4 GB and under 1 GB;
+    exact while the vectors take at most EXACT_MAX_BYTES."""
     plan = plan_index(1_200_000, 512, IndexOptions())
-    assert plan.kind == "ivf_flat" and plan.nlist == int(4 * 1_200_000**0.5) and plan.estimated_bytes < 4e9
-    assert plan.train_sample == 40 * plan.nlist
+    assert plan.kind == "ivf_pq" and plan.nlist == int(4 * 1_200_000**0.5) and plan.factory.endswith("PQ256x4fs")
+    assert plan.train_sample == 40 * plan.nlist and plan.rerank == 8
     pq_plan = plan_index(1_200_000, 512, IndexOptions(memory_budget="1GB"))
-    assert pq_plan.kind == "ivf_pq" and pq_plan.m == 128 and pq_plan.nbits == 8 and pq_plan.estimated_bytes <= 1e9
-    assert plan_index(1_200_000, 512, IndexOptions(memory_budget="150MB")).m < 128
+    assert pq_plan.kind == "ivf_pq" and pq_plan.m == 256 and pq_plan.nbits == 4 and pq_plan.estimated_bytes <= 1e9
+    classic = plan_index(1_200_000, 512, IndexOptions(kind="ivf_pq", nbits=8))
+    assert classic.factory.endswith("PQ128x8np") and classic.nbits == 8
+    assert plan_index(1_200_000, 512, IndexOptions(memory_budget="150MB")).m < 256
     rows = EXACT_MAX_BYTES // (512 * 4)
     assert plan_index(rows, 512, IndexOptions()).kind == "flat"
-    assert plan_index(rows + 1, 512, IndexOptions()).kind == "ivf_flat"
+    assert plan_index(rows + 1, 512, IndexOptions()).kind == "ivf_pq"
+    assert plan_index(1_200_000, 512, IndexOptions(kind="ivf_flat")).factory == f"IVF{plan.nlist},Flat"
     assert plan_index(1000, 512, IndexOptions(kind="hnsw")).factory == "HNSW32,Flat"
     assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("2GiB") == 2 * 2**30 and parse_bytes(123) == 123
     with pytest.raises(ValueError, match="memory-budget"):

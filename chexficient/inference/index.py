@@ -12,11 +12,12 @@ exactly from `vectors.f32`) and `hnsw` (HNSW graph over flat vectors). `auto` pi
   * flat      when the vectors take at most `EXACT_MAX_BYTES` (64 MB, ~31k rows of 512-d) and fit the budget: an
               exact query reads every vector (measured on 2 busy cores: 9 ms at 51 MB, 24 ms at 102 MB, 40 ms at
               205 MB) and needs no training;
-  * ivf_flat  when the IVF-Flat index (vectors + 8-byte ids + centroids) fits `memory_budget`: nlist = 4 sqrt(N),
-              a query reads nprobe lists of ~N/nlist rows (a few MB at 1.2M rows), exact scores; 1.2M x 512
-              (2.46 GB) under the default 4 GB lands here;
-  * ivf_pq    otherwise: PQ codes of the largest m (a divisor of dim, at most dim/4) that fits the budget; exact
-              re-ranking reads the candidates' vectors from disk (`vectors.f32` is memory-mapped, not resident).
+  * ivf_pq    otherwise: nlist = 4 sqrt(N), 4-bit PQ codes of the largest m (a divisor of dim, at most dim/4) that
+              fits the budget (at most dim/2: dim/4 bytes), scored by FAISS's fast-scan kernels, and the top k x 8 re-scored exactly from
+              `vectors.f32` (memory-mapped, not resident). At 1.2M x 512 on 2 cores it answered 1,000 batched
+              queries at recall@10 0.96 about 37x faster than IVF-Flat at the same nprobe (IVF-Flat reads ~N/nlist
+              full vectors per list probed), so `auto` takes it over IVF-Flat even when IVF-Flat fits the budget;
+              `--kind ivf_flat` builds that one.
 HNSW inserts every vector into a graph, slowly on few cores (200k x 512 took 83 s on 2 cores, IVF-PQ 50 s, and it
 grows faster than linearly), so `auto` never picks it; ask for it.
 
