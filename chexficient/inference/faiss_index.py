@@ -3,7 +3,6 @@ where FAISS allows it, and searching it; shared by `chexficient index` (its self
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .index_plan import IVF_KINDS, default_threads
+from .store import read_format_record
 
 
 logger = logging.getLogger(__name__)
@@ -125,13 +125,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / RECORD_FILE
     if not path.is_file():
         raise ValueError(f"{folder}: not a CheXficient index (no {RECORD_FILE}); build one with `chexficient index`.")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not a CheXficient index record ({error}).") from error
-    if record.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: format {record.get('format')!r}, expected {INDEX_FORMAT!r}.")
-    return record
+    return read_format_record(path, INDEX_FORMAT, "index record")
 
 
 def map_vectors(folder: Path, rows: int, dim: int) -> np.ndarray:

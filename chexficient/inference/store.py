@@ -49,23 +49,23 @@ def _dataset(folder: str | os.PathLike, shards: Sequence[Path] | None = None):
     return ds.dataset([str(path) for path in shards], format="parquet")
 
 
-def is_store(path: str | os.PathLike) -> bool:
-    """True for a store folder (its manifest or at least one shard), False for anything else."""
-    path = Path(path)
-    return path.is_dir() and ((path / MANIFEST_FILE).is_file() or bool(shard_paths(path)))
+def read_format_record(path: Path, expected_format: str, what: str) -> dict[str, Any]:
+    """A JSON record (a store manifest, an index record) whose `format` must be `expected_format`; a ValueError
+    naming the file and `what` it should be otherwise."""
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a CheXficient {what} ({error}).") from error
+    if record.get("format") != expected_format:
+        raise ValueError(f"{path}: format {record.get('format')!r}, expected {expected_format!r}.")
+    return record
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The store's manifest; a store killed before its manifest was written is described from its shards."""
     path = Path(folder) / MANIFEST_FILE
     if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not a CheXficient store manifest ({error}).") from error
-        if manifest.get("format") != STORE_FORMAT:
-            raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {STORE_FORMAT!r}.")
-        return manifest
+        return read_format_record(path, STORE_FORMAT, "store manifest")
     return describe_shards(folder)
 
 
@@ -371,9 +371,9 @@ __all__ = [
     "describe_shards",
     "embedding_column",
     "export_embeddings",
-    "is_store",
     "iter_batches",
     "read_embeddings",
+    "read_format_record",
     "read_manifest",
     "read_store",
     "remove_temporaries",
