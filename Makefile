@@ -18,10 +18,11 @@ EXTRAS := train,eval,deepspeed,dev,inference,llava,space,scale
 
 .PHONY: setup venv browser demo eval-demo llava-demo space test quality style gpu-suite
 
-setup: venv browser  ## the environment `make demo` and `make test` need: torch (CPU wheel), the project, Chromium
+setup: venv browser  ## what `make demo` and `make test` need: torch (CPU wheel), the project, Chromium, the transformers checks
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q -c .ci/constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) scripts/prepare_transformers_checks.py  # transformers' common tests; 4.46.3/4.57.6/5.25.0 in .cache/
 	@echo "set up: $(PY)"
 
 venv:

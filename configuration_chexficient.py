@@ -140,6 +140,9 @@ class CheXficientConfig(PretrainedConfig):
         self.logit_scale_init_value = float(logit_scale_init_value)
         self.num_prototypes = num_prototypes
         self.initializer_range = initializer_range
+        # The text tower's tokenizer family: transformers < 4.57's `pipeline()` loads a tokenizer only for configs that
+        # name one (or that its tables know).
+        kwargs.setdefault("tokenizer_class", "BertTokenizer")
         super().__init__(**kwargs)
         _validate(self)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,15 +31,16 @@ try:
         load_image,
     )
     from .image_decoding_chexficient import DICOM_DECODERS_HINT as DICOM_DECODERS_HINT
-except ImportError:  # imported as a top-level module from a checkout
-    from image_decoding_chexficient import (
-        DEFAULT_MAX_IMAGE_PIXELS,
-        DecodedImage,
-        ImageSource,
-        ImageTooLargeError,
-        load_image,
-    )
-    from image_decoding_chexficient import DICOM_DECODERS_HINT as DICOM_DECODERS_HINT
+except ImportError:
+    # a top-level module (a checkout, the wheel): imported by name, which transformers < 4.52's scanner of remote
+    # code (a regex that keeps `except` bodies) would take for a package to install
+    _decoding = importlib.import_module("image_decoding_chexficient")
+    DEFAULT_MAX_IMAGE_PIXELS = _decoding.DEFAULT_MAX_IMAGE_PIXELS
+    DecodedImage = _decoding.DecodedImage
+    ImageSource = _decoding.ImageSource
+    ImageTooLargeError = _decoding.ImageTooLargeError
+    load_image = _decoding.load_image
+    DICOM_DECODERS_HINT = _decoding.DICOM_DECODERS_HINT
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -12,6 +12,7 @@ model object handed to the pipeline (loaded with `AutoModel`, or from this file)
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections import OrderedDict
@@ -22,7 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForZeroShotImageClassification, BertModel, Dinov2Model, PreTrainedModel
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForZeroShotImageClassification,
+    BertModel,
+    Dinov2Model,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
@@ -32,10 +39,18 @@ try:
 except ImportError:  # transformers < 5 has no flag-aware init helpers
     init = nn.init
 
+# transformers < 5 copies only the direct relative imports of a local folder's entry file into its module cache, so
+# this file names every sibling it needs, the image processor's decoding included.
 try:
     from .configuration_chexficient import CheXficientConfig
-except ImportError:  # imported as a top-level module from a checkout
-    from configuration_chexficient import CheXficientConfig
+    from .image_decoding_chexficient import load_image as load_image
+    from .image_processing_chexficient import CheXficientImageProcessor
+except ImportError:
+    # a top-level module (a checkout, the wheel): imported by name, which transformers < 4.52's scanner of remote
+    # code (a regex that keeps `except` bodies) would take for a package to install
+    CheXficientConfig = importlib.import_module("configuration_chexficient").CheXficientConfig
+    load_image = importlib.import_module("image_decoding_chexficient").load_image
+    CheXficientImageProcessor = importlib.import_module("image_processing_chexficient").CheXficientImageProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -150,6 +165,27 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | 
     return hidden_states[torch.arange(batch_size, device=hidden_states.device), index]
 
 
+def _tower_kwargs(output_attentions: bool | None, output_hidden_states: bool | None) -> dict[str, bool]:
+    """The output flags a tower is called with: only those given, so that the tower's config decides the others."""
+    flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _features_output(
+    embeds: torch.Tensor, tower_outputs: Any, return_dict: bool | None
+) -> torch.Tensor | BaseModelOutputWithPooling:
+    """What `get_image_features` / `get_text_features` return: the normalised `embeds` unless `return_dict` is
+    explicitly True, then the tower's states with `embeds` as `pooler_output` (never switched by the config)."""
+    if return_dict is not True:
+        return embeds
+    return BaseModelOutputWithPooling(
+        last_hidden_state=tower_outputs.last_hidden_state,
+        pooler_output=embeds,
+        hidden_states=tower_outputs.hidden_states,
+        attentions=tower_outputs.attentions,
+    )
+
+
 @dataclass
 class CheXficientOutput(ModelOutput):
     """
@@ -221,7 +257,7 @@ class CheXficientPreTrainedModel(PreTrainedModel):
 
     config_class = CheXficientConfig
     base_model_prefix = "chexficient"
-    main_input_name = "pixel_values"
+    main_input_name = "pixel_values"  # the first argument of `forward`; `CheXficientModel` sets "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -243,6 +279,31 @@ class CheXficientPreTrainedModel(PreTrainedModel):
             custom_object_save(self, save_directory)
         return result
 
+    def _freeze_mask_token(self) -> None:
+        """Freeze the image tower's `mask_token`: `Dinov2Model` builds it for masked-image modelling
+        (`bool_masked_pos`), which no CheXficient forward takes, so it never gets a gradient, and a trainable parameter
+        without one stops `DistributedDataParallel` (unused parameters) and any check that every weight learns.
+
+        It is frozen rather than dropped (`Dinov2Config(use_mask_token=False)`): that option only exists in recent
+        transformers (not in 4.46), and without the parameter the state dict loses `embeddings.mask_token`, which the
+        released checkpoint and the converter (`chexficient/hub/convert.py`, strict key match) carry. A frozen tensor
+        keeps every checkpoint loading on transformers 4.46 to 5.x. It is frozen at construction and again by
+        `train()`, as transformers 5 hands loaded weights back as new, trainable parameters (`from_pretrained` ends
+        with `eval()`)."""
+        vision_model = getattr(self, "vision_model", None)
+        mask_token = getattr(getattr(vision_model, "embeddings", None), "mask_token", None)
+        if isinstance(mask_token, nn.Parameter):
+            mask_token.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_mask_token()
+        return self
+
+    def post_init(self) -> None:
+        super().post_init()
+        self._freeze_mask_token()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise CheXficient's own modules; the towers initialise themselves as transformers sub-models."""
@@ -262,6 +323,7 @@ class CheXficientPreTrainedModel(PreTrainedModel):
 class CheXficientModel(CheXficientPreTrainedModel):
     """The CheXficient CLIP model: image and text towers, projections, temperature and curation prototypes."""
 
+    main_input_name = "input_ids"  # `forward`'s first argument, as CLIPModel's
     zero_shot_cache_size = 32  # prompt-embedding sets kept by `get_zero_shot_text_embeds` (least recently used out)
     zero_shot_default_labels = CHEXPERT_LABELS
 
@@ -283,22 +345,65 @@ class CheXficientModel(CheXficientPreTrainedModel):
         self.clear_zero_shot_cache()  # cached text embeddings go stale once weights move
         return super().train(mode)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W]."""
-        pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # [B, hidden]: CLS after final LN
-        return F.normalize(self.visual_projection(pooled), dim=-1)
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's word embeddings (as CLIPModel's `text_model`): `resize_token_embeddings` resizes them and
+        sets `config.text_config.vocab_size`."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor | BaseModelOutputWithPooling:
+        """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W].
+
+        By default (`return_dict` None or False) the embedding tensor itself, whatever `config.return_dict` says:
+        the contract of transformers 4.x's CLIP, which this library and its users rely on, kept identical on every
+        transformers version. With an explicit `return_dict=True`, a `BaseModelOutputWithPooling` (the type of
+        transformers 5's CLIP) whose `last_hidden_state`, `hidden_states` and `attentions` are the image tower's
+        (`output_hidden_states` / `output_attentions` ask for the latter two) and whose `pooler_output` is the same
+        L2-normalised, projected embedding (unlike v5 CLIP's unnormalised projection). Other keyword arguments are
+        accepted for signature compatibility and ignored.
+        """
+        outputs = self.vision_model(
+            pixel_values=pixel_values, return_dict=True, **_tower_kwargs(output_attentions, output_hidden_states)
+        )
+        image_embeds = F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)  # pooled: CLS after LN
+        return _features_output(image_embeds, outputs, return_dict)
 
     def get_text_features(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
-    ) -> torch.FloatTensor:
-        """L2-normalised text embeddings [B, projection_dim], pooled at the last non-padding token ([SEP])."""
-        hidden = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # [B, L, hidden]
-        return F.normalize(self.text_projection(last_token_pool(hidden, attention_mask)), dim=-1)
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor | BaseModelOutputWithPooling:
+        """L2-normalised text embeddings [B, projection_dim], pooled at the last non-padding token ([SEP]).
+
+        As `get_image_features`: the tensor by default (`config.return_dict` does not change it), and with an
+        explicit `return_dict=True` a `BaseModelOutputWithPooling` of the text tower's states whose `pooler_output`
+        is that normalised embedding.
+        """
+        outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+            **_tower_kwargs(output_attentions, output_hidden_states),
+        )
+        text_embeds = F.normalize(
+            self.text_projection(last_token_pool(outputs.last_hidden_state, attention_mask)), dim=-1
+        )
+        return _features_output(text_embeds, outputs, return_dict)
 
     def forward(
         self,
@@ -320,8 +425,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
         if input_ids is None or pixel_values is None:
             raise ValueError("CheXficientModel.forward needs both `input_ids` and `pixel_values`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
+        tower_kwargs = _tower_kwargs(output_attentions, output_hidden_states)
 
         vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         text_outputs = self.text_model(
@@ -345,10 +449,7 @@ class CheXficientModel(CheXficientPreTrainedModel):
             scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's clamp, for training only
             loss = clip_loss(cosine * scale)
 
-        if not return_dict:
-            output = (logits_per_image, logits_per_text, image_embeds, text_embeds, vision_outputs, text_outputs)
-            return ((loss,) + output) if loss is not None else output
-        return CheXficientOutput(
+        output = CheXficientOutput(
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
@@ -358,6 +459,8 @@ class CheXficientModel(CheXficientPreTrainedModel):
             text_model_output=text_outputs,
             logit_scale=self.logit_scale,
         )
+        # a plain tuple, the towers' outputs as tuples too (as CLIP's), the loss first when there is one
+        return output if return_dict else output.to_tuple()
 
     # ----- zero-shot classification (the paper's protocol, or prompt ensembles) ------------------------------------
 
@@ -444,6 +547,13 @@ class CheXficientVisionModel(CheXficientPreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=True)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The image tower's patch embedding (as CLIPVisionModel's): an image model has no token embeddings."""
+        return self.vision_model.embeddings.patch_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vision_model.embeddings.patch_embeddings = value
+
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -454,9 +564,8 @@ class CheXficientVisionModel(CheXficientPreTrainedModel):
     ) -> CheXficientVisionOutput | tuple:
         """Embed images: `pixel_values` [B, 3, H, W] -> normalised `image_embeds` [B, projection_dim] and states."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         outputs = self.vision_model(
-            pixel_values=pixel_values, return_dict=True, **{k: v for k, v in tower_kwargs.items() if v is not None}
+            pixel_values=pixel_values, return_dict=True, **_tower_kwargs(output_attentions, output_hidden_states)
         )
         image_embeds = F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)
         result = CheXficientVisionOutput(
@@ -516,10 +625,27 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         return outputs, F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_input_embeddings(self) -> nn.Module:
+        """The image tower's patch embedding (as CLIPVisionModel's): an image model has no token embeddings."""
+        return self.vision_model.embeddings.patch_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vision_model.embeddings.patch_embeddings = value
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor | BaseModelOutputWithPooling:
         """L2-normalised image embeddings [B, projection_dim], the features the head reads (the values of
-        `CheXficientModel.get_image_features` for the same weights)."""
-        return self._embed(pixel_values)[1]
+        `CheXficientModel.get_image_features` for the same weights), computed without autograd (the encoder is
+        frozen). The tensor by default; a `BaseModelOutputWithPooling` of the tower with an explicit
+        `return_dict=True`, exactly as `CheXficientModel.get_image_features`."""
+        outputs, image_embeds = self._embed(pixel_values, **_tower_kwargs(output_attentions, output_hidden_states))
+        return _features_output(image_embeds, outputs, return_dict)
 
     def forward(
         self,
@@ -532,8 +658,7 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
     ) -> ImageClassifierOutput | tuple:
         """Logits [B, num_labels] from `pixel_values` [B, 3, H, W]; a loss when `labels` are given."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        outputs, image_embeds = self._embed(pixel_values, **{k: v for k, v in tower_kwargs.items() if v is not None})
+        outputs, image_embeds = self._embed(pixel_values, **_tower_kwargs(output_attentions, output_hidden_states))
         logits = self.classifier(image_embeds)
 
         loss = None
@@ -563,6 +688,8 @@ CheXficientModel.register_for_auto_class("AutoModel")
 CheXficientForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 AutoModelForZeroShotImageClassification.register(CheXficientConfig, CheXficientModel, exist_ok=True)
+# transformers < 4.57's `pipeline()` builds an image processor only for configs in AutoImageProcessor's table.
+AutoImageProcessor.register(CheXficientConfig, slow_image_processor_class=CheXficientImageProcessor, exist_ok=True)
 
 __all__ = [
     "CheXficientForImageClassification",

@@ -128,6 +128,14 @@ def test_single_process_run_curates_trains_and_exports(workspace):
     processor = AutoProcessor.from_pretrained(output / "final", trust_remote_code=True)
     assert processor.image_processor.size == {"shortest_edge": 32}
     assert model.prototypes.abs().sum() > 0  # the curator's prototypes travel with the model
+    # a plain tokenizer of the folder truncates at the text tower's positions, and replays no loading arguments
+    saved = json.loads((output / "final" / "tokenizer_config.json").read_text())
+    assert (
+        saved["model_max_length"]
+        == model.config.text_config.max_position_embeddings
+        == processor.tokenizer.model_max_length
+    )
+    assert not {"is_local", "local_files_only"} & set(saved)
 
 
 def kill_after_checkpoint(workspace: Path, output: Path, step: int, **args) -> None:

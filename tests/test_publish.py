@@ -179,6 +179,7 @@ def test_dry_run_folder_loads_in_a_clean_process_and_its_card_parses(trained_run
         "image_decoding_chexficient.py",
         "image_processing_chexficient.py",
         "processing_chexficient.py",
+        "preprocessor_config.json",
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -645,8 +646,8 @@ def test_upload_sends_weights_through_lfs(fake_hub, trained_run, tmp_path, monke
         assert hub.lfs_uploads[digest] == staged[name]
     regular = {op["value"]["path"] for op in operations if op["key"] == "file"}
     assert regular | set(lfs) == set(staged)
-    assert len(staged) == 19  # the five remote-code files among them
-    assert hub.commits["models/test-org/tiny"][0]["value"]["summary"] == "Upload chexficient model (19 files)"
+    assert len(staged) == 20  # the five remote-code files and preprocessor_config.json (for 4.x) among them
+    assert hub.commits["models/test-org/tiny"][0]["value"]["summary"] == "Upload chexficient model (20 files)"
 
 
 def test_missing_token_is_a_clear_error_and_nothing_is_sent(fake_hub, trained_run, tmp_path, monkeypatch):

@@ -98,19 +98,20 @@ def prepare_phantoms(data_args: DataArguments, output_dir: Path, accelerator: Ac
 def load_tokenizer(
     model_args: ModelArguments, pairs: PairTable, output_dir: Path, accelerator: Accelerator
 ) -> PreTrainedTokenizerBase:
-    """`--tokenizer`, the text tower's or the warm start's; else one trained on the reports (main process first)."""
-    from transformers import AutoTokenizer
-
+    """`--tokenizer`, the text tower's or the warm start's; else one trained on the reports (main process first).
+    Never asks to trust a folder's code (`load_tokenizer`)."""
     from train.tokenizer import build_report_tokenizer
+
+    from processing_chexficient import load_tokenizer
 
     source = model_args.tokenizer or model_args.init_text_from or model_args.model_name_or_path
     if source is not None:
-        return AutoTokenizer.from_pretrained(source)
+        return load_tokenizer(source)
     path = output_dir / "tokenizer"
     if accelerator.is_main_process and not (path / "tokenizer.json").exists():
         build_report_tokenizer(pairs.texts, vocab_size=model_args.tokenizer_vocab_size).save_pretrained(path)
     accelerator.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
 
 
 def build_model(model_args: ModelArguments, curation: CurationConfig) -> CheXficientModel:
@@ -409,9 +410,10 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
     state_dict = accelerator.get_state_dict(run.model)  # on every process: gathers ZeRO-3 shards
     if accelerator.is_main_process:
         unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
+        # a plain tokenizer of the folder truncates where the text tower's positions end
+        data.tokenizer.model_max_length = unwrapped.config.text_config.max_position_embeddings
         processor = CheXficientProcessor(image_processor=data.image_processor, tokenizer=data.tokenizer)
-        processor.save_pretrained(final_dir)
-        data.image_processor.save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)  # preprocessor_config.json too
         indices = subset_ids.cpu().tolist()
         subset = curated_subset_record(
             indices, [data.pairs.ids[i] for i in indices], len(data.pairs), source=data_args.train_manifest

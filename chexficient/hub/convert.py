@@ -285,11 +285,10 @@ def convert(
     image_processor = CheXficientImageProcessor(size={"shortest_edge": size})
     image_processor.save_pretrained(output)
     if tokenizer is not None:
-        from transformers import AutoTokenizer
+        from processing_chexficient import CheXficientProcessor, load_tokenizer
 
-        from processing_chexficient import CheXficientProcessor
-
-        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        text_tokenizer = load_tokenizer(tokenizer)
+        text_tokenizer.model_max_length = model_config.text_config.max_position_embeddings
         CheXficientProcessor(image_processor=image_processor, tokenizer=text_tokenizer).save_pretrained(output)
     write_subset(output, subset, Path(checkpoint).name)
     return model
