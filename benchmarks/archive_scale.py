@@ -307,15 +307,27 @@ def main() -> None:
         "--kinds", default="auto,ivf_pq", help="index kinds to build besides flat, the exact reference (also: hnsw)"
     )
     parser.add_argument("--memory-budget", default="4GB", help="the index command's budget")
-    parser.add_argument("--embed-images", type=int, default=600, help="phantoms embedded (and 4x as many)")
+    parser.add_argument("--embed-images", type=int, default=5000, help="phantoms embedded (and 4x as many)")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: curate,index,server,embed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "archive_scale.json"))
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep --out's results of the stages skipped now (same --rows); this run's command goes under `reruns`",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work) / f"rows_{args.rows}"
     store = work / "store"
-    results: dict = {"rows": args.rows, "dim": DIM, "machine": machine_info(), "command": " ".join(sys.argv)}
+    command = " ".join(sys.argv)
+    results: dict = {"rows": args.rows, "dim": DIM, "machine": machine_info(), "command": command}
+    if args.update and Path(args.out).is_file():
+        earlier = json.loads(Path(args.out).read_text())
+        if earlier.get("rows") != args.rows:
+            raise SystemExit(f"--update: {args.out} holds {earlier.get('rows')} rows, this run {args.rows}")
+        ran = sorted({"curate", "index", "server", "embed"} - skip)
+        results = {**earlier, "reruns": [*earlier.get("reruns", []), {"stages": ran, "command": command}]}
     if not (store / "manifest.json").is_file():
         shutil.rmtree(store, ignore_errors=True)
         print(f"writing {args.rows} synthetic pairs to {store}", flush=True)

@@ -294,19 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", default=None, help="--engine ray: the cluster (auto, ray://head:10001); default a local Ray"
     )
     embed.add_argument(
-        "--num-actors", type=_positive, default=None, help="--engine ray: embedding actors (default one per GPU, or 1)"
+        "--num-actors",
+        type=_positive,
+        default=None,
+        help="--engine ray: embedding actors (default one per GPU; without GPUs one per CPU, each decoding too)",
     )
     embed.add_argument(
         "--gpus-per-actor",
         type=float,
         default=None,
-        help="--engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs; 0: CPU actors)",
+        help="--engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs; 0: CPU actors that also decode)",
     )
     embed.add_argument(
         "--decode-actors",
         type=_positive,
         default=None,
-        help="--engine ray: most CPU actors decoding images (default the cluster's CPUs less one per embedding actor)",
+        help="--engine ray with GPUs: most CPU actors decoding images (default the cluster's CPUs less one per GPU actor)",
     )
     _runtime_options(embed)
 

@@ -5,8 +5,11 @@
                            processor (loaded once per actor); an unreadable file becomes a row whose `error` names it
                            (`DECODE_ERRORS`, the one error policy of `ImageDataset`), and the run goes on
     embed    GPU actors    `map_batches(_Embed, num_gpus=...)`, a fixed pool: one `InferenceEngine` per actor, one
-                           actor per GPU (or CPU actors with `num_gpus_per_actor=0`); images and, with a text column,
-                           reports; it writes nothing, so a call that Ray retries is harmless
+                           actor per GPU; images and, with a text column, reports; it writes nothing, so a call
+                           that Ray retries is harmless
+    (no GPU)  CPU actors   without GPUs (`num_gpus_per_actor=0`) the two stages are one, `_DecodeAndEmbed`, one
+                           actor per CPU: a separate decode pool would take CPUs from the embedding, and the
+                           pixels would cross the object store for nothing
     write    small actors  `map_batches(_WriteShards, batch_size=shard_rows)`, no CPU reserved: each call writes its
                            rows as one complete shard and returns one summary row (shard, rows, the failures)
     driver                 the summaries -> `OUT/errors.csv`, `manifest.json`, the optional export; a `RunSummary`
@@ -54,6 +57,8 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'chexficient[scale]'"
 # the driver hands Ray the inputs in at most this many blocks (each at least a forward batch of rows)
 MAX_INPUT_BLOCKS = 10_000
+# forward batches per call of a CPU actor that decodes and embeds (Ray Data's per-call cost, spread over more rows)
+CPU_BATCHES_PER_CALL = 16
 
 
 def import_ray():
@@ -135,6 +140,27 @@ class _Embed:
         return result
 
 
+class _DecodeAndEmbed:
+    """Decode and embed in one CPU actor (clusters without GPUs): the two stages' work on a Ray batch of
+    `CPU_BATCHES_PER_CALL` forward batches, one forward batch of pixels at a time (the pixels never leave the actor,
+    so a larger Ray batch costs no memory and spreads Ray's per-call overhead over more rows)."""
+
+    def __init__(self, model_dir: str, device: str, dtype: str, compile: bool, forward_batch: int):
+        self.decode = _Decode(model_dir)
+        self.embed = _Embed(model_dir, device, dtype, compile)
+        self.forward_batch = forward_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(batch["id"])
+        parts = [
+            self.embed(
+                self.decode({name: values[start : start + self.forward_batch] for name, values in batch.items()})
+            )
+            for start in range(0, rows, self.forward_batch)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def shard_writer_name(ids: Sequence[str]) -> str:
     """`ray<digest of the ids>`: unique per shard (a run's ids are), the same when Ray retries the write."""
     return "ray" + hashlib.sha1("\0".join(ids).encode()).hexdigest()[:20]
@@ -211,8 +237,9 @@ def run_embed_ray(
 
     `address`: the Ray cluster (`"auto"`, `"ray://head:10001"`); None starts a local Ray, or uses the one already
     initialised in this process. `num_gpus_per_actor`: GPUs per embedding actor (default 1 when the cluster has
-    GPUs, else 0: CPU actors). `concurrency`: embedding actors (default: one per GPU, or 1 on CPUs).
-    `decode_concurrency`: most decoding actors (default: the cluster's CPUs less one per embedding actor).
+    GPUs, else 0: CPU actors that decode and embed). `concurrency`: embedding actors (default: one per GPU, or one
+    per CPU without GPUs). `decode_concurrency`: most decoding actors beside GPU actors (default: the cluster's CPUs
+    less one per embedding actor).
     """
     ray = import_ray()
     start = time.perf_counter()
@@ -251,7 +278,8 @@ def run_embed_ray(
                     f"the Ray cluster has {resources.get('GPU', 0):g} GPUs, an embedding actor asks for {gpus:g}; "
                     "use --gpus-per-actor 0 for CPU actors."
                 )
-            actors = concurrency or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus else 1)
+            cpus = max(1, int(resources.get("CPU", 1)))
+            actors = concurrency or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus else cpus)
             decoders = decode_concurrency or max(1, int(resources.get("CPU", 1)) - actors)
             actor_device = device if device != "auto" else ("cuda" if gpus else "cpu")
             resolve_dtype(dtype, torch.device(actor_device))  # a wrong --dtype fails here, not in every actor
@@ -331,18 +359,27 @@ def _run_pipeline(
     saved = context.enable_progress_bars, context.print_on_execution_start
     context.enable_progress_bars = context.print_on_execution_start = progress
     try:
-        blocks = min(len(rows), max(1, len(rows) // batch_size), MAX_INPUT_BLOCKS)
-        dataset = (
-            ray.data.from_items(rows, override_num_blocks=blocks)  # blocks built here, put in the object store
-            .map_batches(
+        rows_per_call = batch_size if gpus else batch_size * CPU_BATCHES_PER_CALL
+        blocks = min(len(rows), max(1, len(rows) // rows_per_call), MAX_INPUT_BLOCKS)
+        dataset = ray.data.from_items(rows, override_num_blocks=blocks)  # blocks built here, in the object store
+        if not gpus:  # CPU actors: each decodes and embeds its batches (one actor per CPU by default)
+            dataset = dataset.map_batches(
+                _DecodeAndEmbed,
+                fn_constructor_args=(model_dir, device, dtype, compile, batch_size),
+                batch_size=rows_per_call,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+            )
+        else:
+            dataset = dataset.map_batches(
                 _Decode,
                 fn_constructor_args=(model_dir,),
                 batch_size=batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders),  # autoscaling CPU actors
                 num_cpus=1,
-            )
-            .map_batches(
+            ).map_batches(
                 _Embed,
                 fn_constructor_args=(model_dir, device, dtype, compile),
                 batch_size=batch_size,
@@ -351,14 +388,13 @@ def _run_pipeline(
                 num_gpus=gpus,
                 num_cpus=1,
             )
-            .map_batches(
-                _WriteShards,
-                fn_constructor_args=(str(out),),
-                batch_size=shard_rows,  # one complete shard per call
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                num_cpus=0,  # a Parquet write: never waits behind the decode and embed actors for a CPU
-            )
+        dataset = dataset.map_batches(
+            _WriteShards,
+            fn_constructor_args=(str(out),),
+            batch_size=shard_rows,  # one complete shard per call
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+            num_cpus=0,  # a Parquet write: never waits behind the decode and embed actors for a CPU
         )
         return list(dataset.iter_rows())
     finally:
