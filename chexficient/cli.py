@@ -31,6 +31,12 @@ optional `id`), a .txt manifest (one path a line) or image files. Unreadable ima
 OUT/errors.csv; classify: OUT.errors.csv) and skipped. Under torchrun, `embed` shards its inputs over the processes."""
 
 
+ENCODING_HELP = (
+    "text encoding of a .csv/.txt/.jsonl manifest (default utf-8, a byte-order mark skipped; e.g. latin-1, cp1252): "
+    "a manifest that is not in it stops the run before anything is written, naming the file and the line"
+)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -277,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--text-column", default=None, help="also embed each row's report from this column of a .csv manifest"
     )
+    embed.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     embed.add_argument(
         "--export", default=None, help="also write one .parquet or .safetensors file at the end (sets that fit)"
     )
@@ -317,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, .csv/.txt manifest, or image files")
     classify.add_argument("--labels", required=True, help='comma-separated findings, e.g. "Pneumothorax,Cardiomegaly"')
     classify.add_argument("--out", required=True, help="output .csv (id, path, one column per label) or .json")
+    classify.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     _runtime_options(classify)
 
     curate = commands.add_parser(
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "%(default)s)",
     )
     curate.add_argument("--image-root", default=None, help="folder the manifest's image paths start from")
+    curate.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     curate.add_argument(
         "--super-batch-size", type=_positive, default=480, help="pairs per curation decision (default %(default)s)"
     )
@@ -420,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.preprocess != "cpu":
                 raise ValueError("--engine ray preprocesses in its CPU decode actors; leave --preprocess at cpu.")
+            if args.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+                raise ValueError(
+                    "--engine ray reads manifests as UTF-8; leave out --encoding (or re-save it as UTF-8)."
+                )
             summary = run_embed_ray(
                 _source(args.inputs),
                 args.out,
@@ -462,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shard_rows=args.shard_rows,
                     text_column=args.text_column,
                     export=args.export,
+                    encoding=args.encoding,
                 )
             else:
                 from .inference.classify import run_classify
@@ -474,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch_size=args.batch_size,
                     num_workers=args.num_workers,
                     progress=not args.no_progress,
+                    encoding=args.encoding,
                 )
             print(summary.line())
             return 0
@@ -506,15 +521,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
                 knn_sample_rows=args.knn_sample_rows,
                 shuffle=args.shuffle,
+                encoding=args.encoding,
             )
             if args.embeddings is not None:
                 report = curate_store(args.embeddings, args.out, _curation_config(args), options)
             else:
                 report = curate_archive(args.manifest, args.model, args.out, _curation_config(args), options)
-            print(
+            line = (
                 f"kept {report['kept']} of {report['considered']} pairs ({report['share_kept']:.1%}) -> "
                 f"{Path(args.out) / report['subset_manifest']}; report in {Path(args.out) / 'report.md'}"
             )
+            if report.get("unreadable"):
+                line += f"; {report['unreadable']} unreadable images in {Path(args.out) / report['errors_file']}"
+            print(line)
             return 0
         if args.command in ("index", "search"):
             return _run_index_search(args)

@@ -1,14 +1,18 @@
 """Images in, pixel values out, for every program: finding inputs (folders, manifests, path lists), decoding them in
 DataLoader workers, and one error policy.
 
-The policy: an input that cannot be decoded (`DECODE_ERRORS`: the image processor's `ValueError` naming the file,
-an `OSError` reading it, an `ImportError` for a missing optional decoder) becomes an error record that the caller
-reports and skips; any other exception is a bug and propagates.
+The policy: one input never sinks a batch. Any exception raised while reading, decoding or preprocessing one input
+(`DECODE_ERRORS`: every `Exception`, `MemoryError` included; never `KeyboardInterrupt` or `SystemExit`) becomes that
+input's error record, in the DataLoader workers as in the main process; the caller reports it (`errors.csv`) and
+goes on. The message names the input: the image processor's own failures are `ValueError`s that name it; any other
+type (a decoder's `AssertionError` or `NotImplementedError`, a `MemoryError`, a bug) is reported with its type,
+"PATH: cannot decode (AssertionError: ...)", and its traceback is logged at debug level (`chexficient -v`).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,11 +24,16 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .manifests import DEFAULT_ENCODING, check_unique_ids, encoding_error, text_codec
+
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 MANIFEST_SUFFIXES = (".csv", ".txt")
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path")
-DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, ImportError)
+# what one input may raise and be reported for, the run going on: anything but an interrupt or an exit
+DECODE_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
 
 @dataclass(frozen=True)
@@ -56,80 +65,106 @@ def preprocess_image(image_processor: Any, source: Any, name: str) -> np.ndarray
     return image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
 
 
+def decode_error_message(error: BaseException, name: str) -> str:
+    """The error record of an input that failed with `error`: the processor's `ValueError` as it is (it names the
+    input), any other type with its type; always naming the input `name`."""
+    text = str(error).strip()
+    if isinstance(error, ValueError):
+        message = text or type(error).__name__
+    else:
+        message = f"cannot decode ({type(error).__name__}{': ' + text if text else ''})"
+        logger.debug("%s: %s", name, message, exc_info=error)
+    return message if name and name in message else f"{name}: {message}"
+
+
 def decode_image(image_processor: Any, source: Any, name: str) -> tuple[np.ndarray | None, str | None]:
-    """(pixel values [3, H, W], None), or (None, the reason) for an input covered by `DECODE_ERRORS`."""
+    """(pixel values [3, H, W], None), or (None, the reason naming `name`) for an input that raised anything
+    (`DECODE_ERRORS`)."""
     try:
         return np.asarray(preprocess_image(image_processor, source, name), dtype=np.float32), None
-    except DECODE_ERRORS as error:  # the processor names the file in its message
-        return None, str(error)
+    except DECODE_ERRORS as error:
+        return None, decode_error_message(error, name)
 
 
 # ----- finding inputs --------------------------------------------------------------------------------------------
 
 
-def _read_input_manifest(manifest: Path, text_column: str | None = None) -> list[InputItem]:
-    """A CSV (a path column, optional `id` and `text_column`) or TXT (one path a line) manifest; relative paths from
-    its folder."""
+def _read_input_manifest(
+    manifest: Path, text_column: str | None = None, encoding: str | None = DEFAULT_ENCODING
+) -> tuple[list[InputItem], list[int], str]:
+    """(items, the row or line number of each, "rows" or "lines") of a CSV (a path column, optional `id` and
+    `text_column`) or TXT (one path a line) manifest in `encoding`; relative paths from its folder."""
     base = manifest.parent
     if text_column is not None and manifest.suffix.lower() != ".csv":
         raise ValueError(f"{manifest}: a text column needs a .csv manifest.")
+    codec = text_codec(encoding)
     items: list[InputItem] = []
-    if manifest.suffix.lower() == ".txt":
-        for line in manifest.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                path = Path(line) if Path(line).is_absolute() else base / line
-                items.append(InputItem(line, str(path)))
-        return items
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        column = next((c for c in PATH_COLUMNS if c in fields), None)
-        if column is None:
-            raise ValueError(f"{manifest}: no image path column; expected one of {list(PATH_COLUMNS)}, got {fields}.")
-        if text_column is not None and text_column not in fields:
-            raise ValueError(f"{manifest}: no text column {text_column!r}; its columns are {fields}.")
-        for row_number, row in enumerate(reader, start=2):
-            value = (row.get(column) or "").strip()
-            if not value:
-                raise ValueError(f"{manifest}: row {row_number} has an empty {column!r} field.")
-            path = Path(value) if Path(value).is_absolute() else base / value
-            text = " ".join((row.get(text_column) or "").split()) if text_column is not None else None
-            items.append(InputItem((row.get("id") or "").strip() or value, str(path), text))
-    return items
+    numbers: list[int] = []
+    try:
+        if manifest.suffix.lower() == ".txt":
+            for number, line in enumerate(manifest.read_text(encoding=codec).splitlines(), start=1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    path = Path(line) if Path(line).is_absolute() else base / line
+                    items.append(InputItem(line, str(path)))
+                    numbers.append(number)
+            return items, numbers, "lines"
+        with manifest.open(newline="", encoding=codec) as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            column = next((c for c in PATH_COLUMNS if c in fields), None)
+            if column is None:
+                raise ValueError(
+                    f"{manifest}: no image path column; expected one of {list(PATH_COLUMNS)}, got {fields}."
+                )
+            if text_column is not None and text_column not in fields:
+                raise ValueError(f"{manifest}: no text column {text_column!r}; its columns are {fields}.")
+            for row_number, row in enumerate(reader, start=2):
+                value = (row.get(column) or "").strip()
+                if not value:
+                    raise ValueError(f"{manifest}: row {row_number} has an empty {column!r} field.")
+                path = Path(value) if Path(value).is_absolute() else base / value
+                text = " ".join((row.get(text_column) or "").split()) if text_column is not None else None
+                items.append(InputItem((row.get("id") or "").strip() or value, str(path), text))
+                numbers.append(row_number)
+    except UnicodeDecodeError as error:
+        raise encoding_error(manifest, encoding, error) from error
+    return items, numbers, "rows"
 
 
 def discover_inputs(
-    source: str | os.PathLike | Sequence[str | os.PathLike], text_column: str | None = None
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    text_column: str | None = None,
+    encoding: str | None = DEFAULT_ENCODING,
 ) -> list[InputItem]:
     """Images to process, in a stable order.
 
     `source` is a folder (searched recursively for .png/.jpg/.jpeg/.dcm/.dicom; ids are paths relative to it), a
     .csv manifest (a `path`/`image`/`file` column, optional `id`, and `text_column` when given), a .txt manifest (one
-    path a line), a single image file, or a list of paths (ids are the paths as given). Duplicate ids are an error.
+    path a line), a single image file, or a list of paths (ids are the paths as given). Manifests are read as
+    `encoding` text (UTF-8 by default); one that is not is a ValueError naming the file and the line of its first bad
+    byte. Duplicate ids are an error naming them (`check_unique_ids`, the check `chexficient curate` makes too).
     """
     if text_column is not None and not (
         isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv"
     ):
         raise ValueError(f"--text-column {text_column!r} reads report texts from a .csv manifest, not {source!r}.")
+    where, numbers, unit = "the inputs", None, "items"
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
+        where = str(root)
         if root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             items = [InputItem(p.relative_to(root).as_posix(), str(p)) for p in files]
         elif root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
-            items = _read_input_manifest(root, text_column)
+            items, numbers, unit = _read_input_manifest(root, text_column, encoding)
         elif root.is_file():
             items = [InputItem(root.name, str(root))]
         else:
             raise FileNotFoundError(f"{root}: no such file or folder.")
     else:
         items = [InputItem(os.fspath(p), os.fspath(p)) for p in source]
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            raise ValueError(f"duplicate input id {item.id!r} (path {item.path}); ids must be unique.")
-        seen.add(item.id)
+    check_unique_ids([item.id for item in items], where, numbers, unit)
     return items
 
 
@@ -163,7 +198,7 @@ class ImageDataset(Dataset):
     failed_fields: dict[str, Any] = {"pixel_values": None}
 
     def decode(self, source: Any, name: str) -> dict[str, Any]:
-        """The record's image fields of one source; raises one of `DECODE_ERRORS` for an unreadable input."""
+        """The record's image fields of one source; raises for an unreadable input (anything: `DECODE_ERRORS`)."""
         pixels = preprocess_image(self.image_processor, source, name)
         return {"pixel_values": torch.from_numpy(np.asarray(pixels, dtype=np.float32))}
 
@@ -172,11 +207,8 @@ class ImageDataset(Dataset):
         try:
             source = self.reader(index) if self.reader is not None else item.path
             return {"index": index, **self.decode(source, item.path), "error": None}
-        except DECODE_ERRORS as error:
-            message = str(error)  # the processor names the file in its messages; a reader may not
-            if item.path not in message:
-                message = f"{item.path}: {message}"
-            return {"index": index, **self.failed_fields, "error": message}
+        except DECODE_ERRORS as error:  # in a DataLoader worker too: one input's failure is its own record
+            return {"index": index, **self.failed_fields, "error": decode_error_message(error, item.path)}
 
 
 @dataclass
@@ -237,6 +269,7 @@ __all__ = [
     "ImageDataset",
     "InputItem",
     "collate_images",
+    "decode_error_message",
     "decode_image",
     "discover_inputs",
     "make_image_loader",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import decode_image
+from .images import decode_error_message, decode_image
 from .manifests import clean_text, pseudo_report_from_labels, read_manifest, report_text
 from image_processing_chexficient import CheXficientImageProcessor
 
@@ -147,7 +147,8 @@ def load_pairs(
 
 
 class ImageReportDataset(Dataset):
-    """Decodes and preprocesses one pair per index; an unreadable image yields `pixel_values=None` and a reason."""
+    """Decodes and preprocesses one pair per index; an unreadable image (whatever it raised: the policy of
+    `chexficient.data.images`) yields `pixel_values=None` and a reason naming the file."""
 
     def __init__(self, pairs: PairTable, image_processor: CheXficientImageProcessor, image_column: str = "image"):
         self.pairs = pairs
@@ -160,9 +161,14 @@ class ImageReportDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample_id = self.pairs.ids[index]
         reference = self.pairs.images[index]
-        if self.pairs.source is not None:
-            reference = self.pairs.source[int(reference)][self.image_column]
-        pixel_values, error = decode_image(self.image_processor, reference, f"id {sample_id}")
+        name = str(reference) if self.pairs.source is None else f"id {sample_id}"  # what its error names
+        try:
+            if self.pairs.source is not None:  # a `datasets` image is decoded as its row is read
+                reference = self.pairs.source[int(reference)][self.image_column]
+        except Exception as failure:  # as for a file: this pair's error, never the run's
+            pixel_values, error = None, decode_error_message(failure, name)
+        else:
+            pixel_values, error = decode_image(self.image_processor, reference, name)
         return {
             "index": index,
             "id": sample_id,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.images import InputItem, discover_inputs
+from ..data.manifests import DEFAULT_ENCODING
 from .embed import csv_cell, errors_path, write_errors
 from .engine import InferenceEngine, parse_labels
 
@@ -66,8 +67,10 @@ def run_classify(
     batch_size: int = 32,
     num_workers: int = 2,
     progress: bool = True,
+    encoding: str | None = DEFAULT_ENCODING,
 ) -> ClassifySummary:
-    """Zero-shot classify every image of `source` against `labels`; returns the counts."""
+    """Zero-shot classify every image of `source` (a manifest read as `encoding` text) against `labels`; returns the
+    counts. An input that cannot be decoded, whatever its decoder raised, is listed in `OUT.errors.csv`."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -75,7 +78,7 @@ def run_classify(
         raise ValueError(f"--out {out}: must end in .csv or .json.")
     labels = parse_labels(labels)
     start = time.perf_counter()
-    items = discover_inputs(source)
+    items = discover_inputs(source, encoding=encoding)
     done_items: list[InputItem] = []
     rows: list[np.ndarray] = []
     failures: list[tuple[InputItem, str]] = []

@@ -14,15 +14,22 @@ train/pretrain.py runs) walks shuffled super-batches of the chosen size. The kep
 With `--embeddings`, `chexficient.inference.curate_store` curates a store of precomputed image and report
 embeddings without the model, streamed. Both paths take each super-batch's decision with the same function,
 `curation_step`.
+
+Before it writes anything, `curate_archive` checks the manifest: its encoding (`--encoding`, UTF-8 by default), its
+columns, unique ids, and at least one full super-batch of pairs. An image that cannot be decoded, whatever its decoder
+raised, is a pair marked unreadable (listed in `OUT/embeddings/errors.csv`) and the pass goes on. Every file is written
+under a hidden temporary name (`.tmp-*`) and renamed when complete; the temporary files a killed run left are removed
+when the next run starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +41,10 @@ from ..curation.config import CurationConfig
 from ..curation.curator import PrototypeCurator, curate_super_batch, warmup_indices
 from ..curation.functions import SelectionResult, concat_normalized
 from ..curation.sampler import CuratingBatchSampler
-from ..data.manifests import read_manifest
+from ..data.images import InputItem
+from ..data.manifests import DEFAULT_ENCODING, check_unique_ids, read_manifest
 from ..data.pairs import ImageReportCollator, ImageReportDataset, PairTable, load_pairs
-from ..data.subsets import curated_subset_record, write_curated_subset
+from ..data.subsets import SUBSET_FILENAME, curated_subset_record
 from ..runtime import resolve_device
 from .curation_report import (
     KNN_SAMPLE_ROWS,
@@ -47,7 +55,8 @@ from .curation_report import (
     subset_report,
     subset_samples,
 )
-from .store import ShardWriter, read_store, stored_ids, write_manifest
+from .embed import csv_cell, write_errors
+from .store import ERRORS_FILE, ShardWriter, read_store, remove_temporaries, stored_ids, write_manifest
 
 
 EMBEDDINGS_DIR = "embeddings"  # the pairs' store: image and report embeddings, Parquet shards
@@ -71,6 +80,7 @@ class CurateOptions:
     shuffle: bool = False  # --embeddings: seeded shuffle of the store's row groups and of a window of rows
     shuffle_rows: int = 32768  # --embeddings --shuffle: rows shuffled together (memory: this many rows)
     decisions: bool = True  # --embeddings: also write every considered row's decision (OUT/decisions.parquet)
+    encoding: str = DEFAULT_ENCODING  # the manifest's text encoding (CSV, JSONL)
 
 
 @contextlib.contextmanager
@@ -174,12 +184,16 @@ def embed_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image_embeds [N, D], text_embeds [N, D], valid [N]) of every pair, stored with its report in the store `out`
     (the `chexficient embed` store: complete shards while it runs, each id once whatever the moment of a kill); a
-    re-run embeds only the pairs not stored yet. Unreadable images are embedded as zeros and marked invalid."""
+    re-run embeds only the pairs not stored yet. Unreadable images (whatever their decoder raised) are embedded as
+    zeros, marked invalid, and listed in `out/errors.csv` (id, path, a message naming the file), with those of the
+    runs before."""
     from tqdm.auto import tqdm
 
     writer = ShardWriter(out, shard_rows=chunk_rows)
     done = stored_ids(out)
     todo = [i for i, sample_id in enumerate(pairs.ids) if sample_id not in done]
+    failures = earlier_errors(out / ERRORS_FILE, done)
+    pair_of = {sample_id: i for i, sample_id in enumerate(pairs.ids)}
     size = image_processor.crop_size["height"], image_processor.crop_size["width"]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ImageReportDataset(pairs, image_processor), todo),
@@ -188,26 +202,82 @@ def embed_pairs(
         num_workers=num_workers,
     )
     device = next(model.parameters()).device
-    for batch in tqdm(loader, desc="embedding pairs", unit="batch", disable=not progress):
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
-        out_ = model(**{k: v for k, v in inputs.items() if k in batch})
-        images = out_.image_embeds.float().cpu()
-        images[~batch["valid"]] = 0.0  # an unreadable image: a zero row, marked invalid on reading
-        indices = batch["sample_index"].tolist()
-        writer.append(
-            [pairs.ids[i] for i in indices],
-            [str(pairs.images[i]) for i in indices],
-            images.numpy(),
-            texts=[pairs.texts[i] for i in indices],
-            text_embeddings=out_.text_embeds.float().cpu().numpy(),
-        )
+    try:
+        for batch in tqdm(loader, desc="embedding pairs", unit="batch", disable=not progress):
+            keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+            inputs = {k: batch[k].to(device) for k in keys if k in batch}
+            out_ = model(**inputs)
+            images = out_.image_embeds.float().cpu()
+            images[~batch["valid"]] = 0.0  # an unreadable image: a zero row, marked invalid on reading
+            indices = batch["sample_index"].tolist()
+            writer.append(
+                [pairs.ids[i] for i in indices],
+                [str(pairs.images[i]) for i in indices],
+                images.numpy(),
+                texts=[pairs.texts[i] for i in indices],
+                text_embeddings=out_.text_embeds.float().cpu().numpy(),
+            )
+            failures += [
+                (InputItem(sample_id, str(pairs.images[pair_of[sample_id]])), message)
+                for sample_id, message in batch["skipped"]
+            ]
+    except BaseException:  # the pass stops (not for one image: those are zero rows): keep what it embedded
+        writer.flush()
+        write_errors(out / ERRORS_FILE, failures)
+        raise
     writer.flush()
+    write_errors(out / ERRORS_FILE, failures)
     write_manifest(out)
     stored = read_store(out, ("id", "embedding", "text_embedding"))
     position = {sample_id: row for row, sample_id in enumerate(stored["id"])}
     order = [position[sample_id] for sample_id in pairs.ids]
     images = torch.from_numpy(stored["embedding"][order])
     return images, torch.from_numpy(stored["text_embedding"][order]), images.abs().sum(dim=1) > 0
+
+
+def earlier_errors(path: Path, stored: set[str]) -> list[tuple[InputItem, str]]:
+    """The rows of a store's errors.csv whose pairs are stored (as unreadable): a re-run does not embed them again,
+    so their reports stand."""
+    if not path.is_file() or not stored:
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = {csv_cell(sample_id) for sample_id in stored}  # ids are written spreadsheet-escaped
+    return [
+        (InputItem(row["id"], row["path"] or ""), row["message"] or "")
+        for row in rows
+        if row.get("id") in kept  # a row cut short by a kill has no id, or its path and message are None
+    ]
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(temporary)` to a hidden temporary name beside `path`, then an atomic rename: a run killed at any moment
+    leaves `path` whole or untouched (and a `.tmp-*` file that the next run removes)."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    write(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def check_pairs(pairs: PairTable, manifest: str | os.PathLike, table: Any, options: CurateOptions) -> None:
+    """What would stop a curation pass after it had written: duplicate ids, a missing label column, fewer pairs than
+    one super-batch. A ValueError naming the manifest."""
+    suffix = Path(manifest).suffix.lower()
+    if suffix == ".csv":  # the rows a spreadsheet shows (the header is row 1)
+        rows, unit = [row + 2 for row in pairs.rows], "rows"
+    elif suffix == ".jsonl":
+        rows, unit = [row + 1 for row in pairs.rows], "lines"
+    else:
+        rows, unit = list(pairs.rows), "row indices"
+    check_unique_ids(pairs.ids, manifest, rows, unit)
+    missing = [c for c in options.label_columns or [] if c not in table.columns]
+    if missing:
+        raise ValueError(f"{manifest}: no label column(s) {missing}; its columns are {list(table.columns)}.")
+    if len(pairs) < options.super_batch_size:
+        raise ValueError(
+            f"{manifest}: {len(pairs)} pairs make no full super-batch of {options.super_batch_size}; lower "
+            "--super-batch-size."
+        )
 
 
 # ----- the command -------------------------------------------------------------------------------------------------
@@ -230,13 +300,16 @@ def curate_archive(
     model_path = Path(model_dir)
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no saved CheXficient folder (config.json) there.")
-    frame = read_manifest(manifest)
+    frame = read_manifest(manifest, options.encoding)
     pairs = load_pairs(frame, image_root=options.image_root, where=manifest)
     table = frame.iloc[pairs.rows].reset_index(drop=True)  # the pairs' rows, in their order: one table from here on
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_pairs(pairs, manifest, table, options)  # before anything is written
     model = CheXficientModel.from_pretrained(model_path).to(resolve_device(options.device)).eval()
     processor = CheXficientProcessor.from_pretrained(model_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / EMBEDDINGS_DIR):  # what a killed run left: no other run writes here
+        remove_temporaries(folder)
     image_embeds, text_embeds, valid = embed_pairs(
         model,
         processor.tokenizer,
@@ -248,6 +321,11 @@ def curate_archive(
         chunk_rows=options.chunk_rows,
         progress=options.progress,
     )
+    if not bool(valid.any()):
+        raise ValueError(
+            f"{manifest}: none of its {len(pairs)} images could be decoded; the reasons are in "
+            f"{out / EMBEDDINGS_DIR / ERRORS_FILE}."
+        )
     run = curate_embeddings(
         image_embeds, text_embeds, valid, config, super_batch_size=options.super_batch_size, seed=options.seed
     )
@@ -255,7 +333,7 @@ def curate_archive(
     indices = np.flatnonzero(kept).tolist()
     subset_path = write_subset_rows(table.iloc[indices], out, Path(manifest).suffix)
     record = curated_subset_record(indices, [pairs.ids[i] for i in indices], len(pairs), source=Path(manifest).name)
-    write_curated_subset(out, record)
+    write_atomically(out / SUBSET_FILENAME, lambda path: path.write_text(json.dumps(record)))
 
     readable = np.flatnonzero(run.valid.numpy())
     random_subset = np.zeros(len(kept), dtype=bool)
@@ -271,8 +349,11 @@ def curate_archive(
     report = spread_report(report, samples, out, set_sizes=sizes, max_rows=options.knn_sample_rows)
     report["settings"] = {"super_batch_size": options.super_batch_size, "seed": options.seed, **asdict(config)}
     report["subset_manifest"] = subset_path.name
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report))
+    report["unreadable"] = int(len(pairs) - run.valid.sum())
+    if report["unreadable"]:
+        report["errors_file"] = f"{EMBEDDINGS_DIR}/{ERRORS_FILE}"
+    write_atomically(out / "report.json", lambda path: path.write_text(json.dumps(report, indent=2)))
+    write_atomically(out / "report.md", lambda path: path.write_text(report_markdown(report)))
     return report
 
 
@@ -280,14 +361,16 @@ def write_subset_rows(rows: Any, out: Path, suffix: str) -> Path:
     """The kept rows of the manifest, every column, as `out/subset.<suffix>` (csv unless the input was parquet or
     jsonl)."""
     suffix = suffix.lower() if suffix.lower() in SUBSET_SUFFIXES else ".csv"
-    path = out / f"subset{suffix}"
-    if suffix == ".parquet":
-        rows.to_parquet(path, index=False)
-    elif suffix == ".jsonl":
-        rows.to_json(path, orient="records", lines=True)
-    else:
-        rows.to_csv(path, index=False)
-    return path
+
+    def write(path: Path) -> None:
+        if suffix == ".parquet":
+            rows.to_parquet(path, index=False)
+        elif suffix == ".jsonl":
+            rows.to_json(path, orient="records", lines=True)
+        else:
+            rows.to_csv(path, index=False)
+
+    return write_atomically(out / f"subset{suffix}", write)
 
 
 __all__ = [
@@ -296,7 +379,9 @@ __all__ = [
     "curate_archive",
     "curate_embeddings",
     "curation_step",
+    "check_pairs",
     "embed_pairs",
     "one_intra_op_thread",
+    "write_atomically",
     "write_subset_rows",
 ]

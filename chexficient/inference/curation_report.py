@@ -12,6 +12,7 @@ larger than the whole set's (a sample is sparser). The figures draw the same sam
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,15 @@ def subset_samples(
     }
 
 
+def save_figure(figure: Any, path: Path) -> str:
+    """Save a figure as PNG under a hidden temporary name, then rename it: a killed run leaves no half-written
+    figure under the name."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    figure.savefig(temporary, dpi=110, format="png")
+    os.replace(temporary, path)
+    return str(path)
+
+
 def plot_figures(
     samples: dict[str, torch.Tensor],
     out_dir: Path,
@@ -131,8 +141,7 @@ def plot_figures(
         axis.set_yticks([])
     figure.suptitle(f"Figure 2a: 2-D PCA density {title}".strip())
     figure.tight_layout()
-    paths = {"figure_2a": str(out_dir / "figure_2a_pca.png")}
-    figure.savefig(paths["figure_2a"], dpi=110)
+    paths = {"figure_2a": save_figure(figure, out_dir / "figure_2a_pca.png")}
     plt.close(figure)
     figure, axis = plt.subplots(figsize=(5.0, 3.4))
     for name, rows in list(samples.items())[1:]:
@@ -143,8 +152,7 @@ def plot_figures(
     axis.legend()
     axis.set_title(f"Figure 2b: spread of the subsets {title}".strip())
     figure.tight_layout()
-    paths["figure_2b"] = str(out_dir / "figure_2b_knn.png")
-    figure.savefig(paths["figure_2b"], dpi=110)
+    paths["figure_2b"] = save_figure(figure, out_dir / "figure_2b_knn.png")
     plt.close(figure)
     return paths
 
@@ -357,6 +365,7 @@ __all__ = [
     "plot_figures",
     "report_markdown",
     "sample_rows",
+    "save_figure",
     "spread_report",
     "subset_report",
     "subset_samples",

@@ -4,8 +4,11 @@ the embedding store, a folder of Parquet shards (`chexficient.inference.store`).
 Rows go to complete shards while the run goes, so a run killed at any moment keeps every shard it wrote, and a re-run
 embeds only the ids not stored yet (each id once). Under `torchrun` or `accelerate launch` every process takes every
 WORLD_SIZE-th input of the list and writes its own shards; the first process writes the manifest when all are done.
-Unreadable files are listed in `OUT/errors.csv` (id, path, message) and the run goes on. `--export FILE` also writes
-one .parquet or .safetensors file at the end, for sets that fit.
+An input that cannot be read or decoded, whatever its decoder raised (`chexficient.data.images`), is listed in
+`OUT/errors.csv` (id, path, a message naming the file) and the run goes on; if the run stops anyway (a crashed
+DataLoader worker, Ctrl-C), the rows embedded so far are written as a shard and the failures so far to errors.csv
+before the error propagates. `--export FILE` also writes one .parquet or .safetensors file at the end, for sets that
+fit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.images import InputItem, discover_inputs
+from ..data.manifests import DEFAULT_ENCODING
 from .engine import InferenceEngine
 from .store import (
     ERRORS_FILE,
@@ -40,7 +44,7 @@ def write_errors(path: Path, failures: Sequence[tuple[InputItem, str]]) -> Path 
     if not failures:
         path.unlink(missing_ok=True)
         return None
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "path", "message"])
         writer.writerows([csv_cell(item.id), csv_cell(item.path), csv_cell(message)] for item, message in failures)
@@ -114,14 +118,14 @@ def _merge_rank_errors(out: Path, world: int) -> Path | None:
     for rank in range(world):
         part = out / f".errors-r{rank:05d}.csv"
         if part.is_file():
-            with part.open(newline="") as handle:
+            with part.open(newline="", encoding="utf-8") as handle:
                 rows += list(csv.reader(handle))[1:]
             part.unlink()
     path = out / ERRORS_FILE
     if not rows:
         path.unlink(missing_ok=True)
         return None
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "path", "message"])
         writer.writerows(rows)
@@ -138,14 +142,16 @@ def run_embed(
     shard_rows: int = 4096,
     text_column: str | None = None,
     export: str | os.PathLike | None = None,
+    encoding: str | None = DEFAULT_ENCODING,
 ) -> RunSummary:
-    """Embed every input of `source` whose id is not in the store `out` yet; returns this process's counts."""
+    """Embed every input of `source` whose id is not in the store `out` yet; returns this process's counts. A
+    manifest is read as `encoding` text."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     out = check_store_path(out)
     rank, world = process_rank()
-    items = discover_inputs(source, text_column)
+    items = discover_inputs(source, text_column, encoding)
     mine = items[rank::world]  # by position in the whole list: the ranks' shares never overlap, whatever is stored
     done = stored_ids(out)
     todo = [item for item in mine if item.id not in done]
@@ -156,23 +162,29 @@ def run_embed(
     bar = tqdm(
         total=len(todo), unit="img", desc=f"embed (rank {rank})" if world > 1 else "embed", disable=not progress
     )
-    with bar:
-        for batch, embeddings in engine.iter_embeddings(loader):
-            failures += [(todo[index], message) for index, message in batch.failed]
-            if embeddings is not None:
-                chosen = [todo[index] for index in batch.indices]
-                texts = [item.text or "" for item in chosen] if text_column is not None else None
-                writer.append(
-                    [item.id for item in chosen],
-                    [item.path for item in chosen],
-                    embeddings,
-                    texts=texts,
-                    text_embeddings=engine.embed_texts(texts) if texts is not None else None,
-                )
-                embedded += len(chosen)
-            bar.update(len(batch.indices) + len(batch.failed))
-            if failures:
-                bar.set_postfix(failed=len(failures))
+    try:
+        with bar:
+            for batch, embeddings in engine.iter_embeddings(loader):
+                failures += [(todo[index], message) for index, message in batch.failed]
+                if embeddings is not None:
+                    chosen = [todo[index] for index in batch.indices]
+                    texts = [item.text or "" for item in chosen] if text_column is not None else None
+                    writer.append(
+                        [item.id for item in chosen],
+                        [item.path for item in chosen],
+                        embeddings,
+                        texts=texts,
+                        text_embeddings=engine.embed_texts(texts) if texts is not None else None,
+                    )
+                    embedded += len(chosen)
+                bar.update(len(batch.indices) + len(batch.failed))
+                if failures:
+                    bar.set_postfix(failed=len(failures))
+    except BaseException:  # the run stops (not for one input: those are records): keep what it did
+        writer.flush()
+        if failures:
+            write_errors(out / (ERRORS_FILE if world == 1 else f".errors-r{rank:05d}.csv"), failures)
+        raise
     writer.flush()
     write_errors(out / f".errors-r{rank:05d}.csv", failures)
     _wait_for_every_rank(world)

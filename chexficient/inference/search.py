@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.images import DECODE_ERRORS, preprocess_image
+from ..data.images import DECODE_ERRORS, decode_error_message, preprocess_image
 from .faiss_index import LoadedIndex, load_index
 
 
@@ -153,8 +153,7 @@ class SearchEngine:
             try:
                 pixels.append(np.asarray(preprocess_image(engine.image_processor, source, name), dtype=np.float32))
             except DECODE_ERRORS as error:
-                message = str(error)
-                raise ValueError(message if name in message else f"{name}: {message}") from error
+                raise ValueError(decode_error_message(error, name)) from error
         if not pixels:
             raise ValueError("give at least one image query.")
         return engine.embed_numpy(np.stack(pixels))
