@@ -5,7 +5,9 @@ mean/std, grayscale replicated to three channels. 8-bit inputs follow the refere
 8 bits); high-bit-depth inputs (16-bit PNG, DICOM) are resized in float and are never clipped to 8 bits.
 
 Files, bytes, arrays and tensors are decoded by `image_decoding_chexficient.py` (PNG, JPEG, 16-bit PNG, DICOM, with
-its pixel budget and its guards against decompression bombs and truncated files), which travels with this file.
+its pixel budget and aspect-ratio limit, checked from the header against the decoded and the resized size, and its
+guards against decompression bombs, truncated files and non-finite pixels), which travels with this file. Every
+failure on a bad input is a `ValueError` naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,34 +27,37 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 try:
     from .image_decoding_chexficient import (
+        DEFAULT_MAX_ASPECT_RATIO,
         DEFAULT_MAX_IMAGE_PIXELS,
         DecodedImage,
+        ImageAspectRatioError,
         ImageSource,
         ImageTooLargeError,
+        check_image_shape,
+        describe_source,
         load_image,
+        resize_output_size,
     )
     from .image_decoding_chexficient import DICOM_DECODERS_HINT as DICOM_DECODERS_HINT
 except ImportError:
     # a top-level module (a checkout, the wheel): imported by name, which transformers < 4.52's scanner of remote
     # code (a regex that keeps `except` bodies) would take for a package to install
     _decoding = importlib.import_module("image_decoding_chexficient")
+    DEFAULT_MAX_ASPECT_RATIO = _decoding.DEFAULT_MAX_ASPECT_RATIO
     DEFAULT_MAX_IMAGE_PIXELS = _decoding.DEFAULT_MAX_IMAGE_PIXELS
     DecodedImage = _decoding.DecodedImage
+    ImageAspectRatioError = _decoding.ImageAspectRatioError
     ImageSource = _decoding.ImageSource
     ImageTooLargeError = _decoding.ImageTooLargeError
+    check_image_shape = _decoding.check_image_shape
+    describe_source = _decoding.describe_source
     load_image = _decoding.load_image
+    resize_output_size = _decoding.resize_output_size
     DICOM_DECODERS_HINT = _decoding.DICOM_DECODERS_HINT
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
-    """(height, width) after scaling the shorter side to `shortest_edge`, the longer one truncated (torchvision)."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
 def center_crop_box(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
@@ -76,7 +82,11 @@ class CheXficientImageProcessor(BaseImageProcessor):
         do_convert_rgb (`bool`, defaults to `True`): replicate grayscale to three channels.
         max_image_pixels (`int` or `None`, defaults to `DEFAULT_MAX_IMAGE_PIXELS`, 60 MP): largest image accepted
             (width x height, read from the header before decoding); larger ones raise `ValueError`. `None` disables
-            it; Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (about 89 MP) still bounds PNG/JPEG decoding.
+            it; Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (about 89 MP) still bounds PNG/JPEG decoding. With `do_resize`,
+            the resized image (short side `size["shortest_edge"]`) is held to the same budget.
+        max_aspect_ratio (`float` or `None`, defaults to `DEFAULT_MAX_ASPECT_RATIO`, 20): largest ratio of an
+            image's long side to its short side, read from the header before decoding; thinner images raise
+            `ImageAspectRatioError` (a `ValueError`). `None` disables it.
 
     Inputs may be file paths (PNG, JPEG, 8- or 16-bit, DICOM), raw bytes, PIL images, numpy arrays [H, W(, C)] or
     tensors [(C,) H, W] (uint8, uint16, or float in [0, 1]). For throughput on a GPU, `preprocess_tensor` runs the
@@ -84,7 +94,9 @@ class CheXficientImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values"]
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # a class default, so that a None set by users is saved
+    # class defaults, so that a None set by users is saved, and configs saved before a setting existed get it
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
 
     def __init__(
         self,
@@ -100,6 +112,7 @@ class CheXficientImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] | None = None,
         do_convert_rgb: bool = True,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -124,10 +137,28 @@ class CheXficientImageProcessor(BaseImageProcessor):
         if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) <= 0):
             raise ValueError(f"max_image_pixels must be a positive integer or None, got {max_image_pixels!r}.")
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+        if max_aspect_ratio is not None:
+            try:
+                ratio = math.nan if isinstance(max_aspect_ratio, bool) else float(max_aspect_ratio)
+            except (TypeError, ValueError):
+                ratio = math.nan
+            if not 1 <= ratio < math.inf:
+                raise ValueError(
+                    f"max_aspect_ratio must be a finite number of at least 1 or None, got {max_aspect_ratio!r}."
+                )
+            max_aspect_ratio = ratio
+        self.max_aspect_ratio = max_aspect_ratio
 
     def load_image(self, source: ImageSource, name: str | None = None) -> DecodedImage:
-        """`load_image` (module level) within this processor's `max_image_pixels` budget."""
-        return load_image(source, name, max_pixels=self.max_image_pixels)
+        """`load_image` (module level) within this processor's limits: `max_image_pixels` on the decoded image and,
+        with `do_resize`, on the resized one; `max_aspect_ratio`."""
+        return load_image(
+            source,
+            name,
+            max_pixels=self.max_image_pixels,
+            max_aspect_ratio=self.max_aspect_ratio,
+            resize_shortest_edge=self.size["shortest_edge"] if self.do_resize else None,
+        )
 
     def _resize(self, image: DecodedImage) -> DecodedImage:
         height, width = (image.height, image.width) if isinstance(image, PIL.Image.Image) else image.shape[:2]
@@ -172,13 +203,25 @@ class CheXficientImageProcessor(BaseImageProcessor):
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
     def process_one(self, source: ImageSource, name: str | None = None) -> np.ndarray:
-        """Decode and preprocess one image -> float32 [3, crop_h, crop_w]."""
+        """Decode and preprocess one image -> float32 [3, crop_h, crop_w].
+
+        Every failure on a bad input is a `ValueError` naming it; the pixel values are checked to be finite.
+        """
         image = self.load_image(source, name)
-        if self.do_resize:
-            image = self._resize(image)
-        if self.do_center_crop:
-            image = self._crop(image)
-        return self._to_array(image)
+        where = describe_source(source, name)
+        try:
+            if self.do_resize:
+                image = self._resize(image)
+            if self.do_center_crop:
+                image = self._crop(image)
+            array = self._to_array(image)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+        except MemoryError as error:
+            raise ImageTooLargeError(f"{where}: ran out of memory preprocessing this image.") from error
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where}: preprocessing gave non-finite pixel values (check image_mean and image_std).")
+        return array
 
     def preprocess(
         self,
@@ -216,6 +259,14 @@ class CheXficientImageProcessor(BaseImageProcessor):
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"preprocess_tensor expects [B, 1 or 3, H, W], got shape {tuple(images.shape)}.")
+        check_image_shape(
+            images.shape[-1],
+            images.shape[-2],
+            "preprocess_tensor",
+            self.max_aspect_ratio,
+            self.size["shortest_edge"] if self.do_resize else None,
+            self.max_image_pixels,
+        )
         pixels = images.float() * self.rescale_factor if images.dtype == torch.uint8 else images.float()
         if self.do_resize:
             height, width = resize_output_size(pixels.shape[-2], pixels.shape[-1], self.size["shortest_edge"])
@@ -245,8 +296,10 @@ def _normalisation_tensors(
 CheXficientImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "CheXficientImageProcessor",
+    "ImageAspectRatioError",
     "ImageTooLargeError",
     "load_image",
 ]
