@@ -44,6 +44,73 @@ def _positive(value: str) -> int:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value}")
+    return number
+
+
+def _serve_limit_options(serve: argparse.ArgumentParser) -> None:
+    """`serve`'s limits on the server as a whole and its API key (chexficient.inference.server)."""
+    from .inference.server_limits import (
+        DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_HEADER_TIMEOUT_S,
+        DEFAULT_IDLE_TIMEOUT_S,
+        DEFAULT_QUEUE_TIMEOUT_S,
+    )
+
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every route but /health (401 otherwise); the environment "
+        "variable CHEXFICIENT_API_KEY does the same and keeps the key out of the process list",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a --host beyond loopback without an API key (refused otherwise)",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=_positive,
+        default=None,
+        help="requests processed at once, counted once their body is in; more get 503 + Retry-After "
+        "(default: twice the CPUs or twice --max-batch-size, whichever is more)",
+    )
+    serve.add_argument(
+        "--max-inflight-pixels",
+        type=_positive,
+        default=None,
+        help="pixels being decoded at once across requests; a decode waits for room, then gets 503 + Retry-After "
+        "(default: twice the model's max_image_pixels, 120000000 for 60 MP)",
+    )
+    serve.add_argument(
+        "--queue-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_QUEUE_TIMEOUT_S,
+        help="seconds a decode waits for room in --max-inflight-pixels before its 503 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds for a request's line and headers, from its first byte; then 408 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds for a request's body, from its headers; then 408 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help="seconds an idle keep-alive connection stays open (default %(default)s)",
+    )
+
+
 def _runtime_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
     parser.add_argument("--model", required=True, help="local model folder (weights, config, processor, tokenizer)")
     parser.add_argument(
@@ -397,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", help="uvicorn log level")
     serve.add_argument("--index", default=None, help="an index folder: adds POST /search (image or text queries)")
     serve.add_argument("--nprobe", type=_positive, default=None, help="with --index: IVF lists to search")
+    _serve_limit_options(serve)
 
     export = commands.add_parser("export-onnx", help="ONNX image embedder, checked against PyTorch with onnxruntime")
     export.add_argument("--model", required=True, help="local model folder")
@@ -553,6 +621,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 compile=args.compile,
                 index=args.index,
                 nprobe=args.nprobe,
+                api_key=args.api_key or os.environ.get("CHEXFICIENT_API_KEY") or None,
+                insecure_no_auth=args.insecure_no_auth,
+                max_concurrency=args.max_concurrency,
+                max_inflight_pixels=args.max_inflight_pixels,
+                queue_timeout=args.queue_timeout,
+                header_timeout=args.header_timeout,
+                body_timeout=args.body_timeout,
+                idle_timeout=args.idle_timeout,
             )
             return 0
         from .inference.onnx_export import export_onnx

@@ -26,7 +26,14 @@ from test_image_hostile import crafted_png, png_chunk
 from test_inference_cli import LABELS, write_inputs
 
 from chexficient.inference.engine import InferenceEngine
-from chexficient.inference.server import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, MAX_TEXTS, create_app
+from chexficient.inference.server import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_TEXT_CHARS,
+    MAX_TEXTS,
+    create_app,
+    server_config,
+)
 
 from modeling_chexficient import CheXficientModel
 from processing_chexficient import CheXficientProcessor
@@ -34,12 +41,13 @@ from processing_chexficient import CheXficientProcessor
 
 @contextmanager
 def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
+    """Serve `app` as `chexficient serve` does (uvicorn with the server's connection limits) in a thread on a free
+    loopback port; yields the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
