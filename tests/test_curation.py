@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,24 @@ def test_quantile_masks_match_per_cluster_torch_quantile():
         assert torch.equal(g, w)
 
 
+def test_quantile_masks_put_a_distance_equal_to_a_quantile_below_it():
+    """Ties with the quantiles: a distance equal to the support quantile is central (d <= q_sup), one equal to the
+    outlier quantile is support (d <= q_out); the three masks partition the valid samples."""
+    distances = torch.arange(21, dtype=torch.float)  # quantile positions 0.85 * 20 = 17 and 0.95 * 20 = 19: exact
+    outlier, support, central = quantile_masks(distances, torch.zeros(21, dtype=torch.long), 1)
+    assert torch.nonzero(outlier).flatten().tolist() == [20]
+    assert torch.nonzero(support).flatten().tolist() == [18, 19]
+    assert torch.nonzero(central).flatten().tolist() == list(range(18))
+    gen = torch.Generator().manual_seed(5)
+    distances = torch.randint(0, 6, (300,), generator=gen).float() / 5  # many ties with the quantiles
+    ids = torch.randint(0, 4, (300,), generator=gen)
+    ids[:20] = 4  # invalid (id == num_clusters)
+    got = quantile_masks(distances, ids, 4, 0.95, 0.85)
+    for g, w in zip(got, naive_masks(distances, ids, 4, 0.95, 0.85)):
+        assert torch.equal(g, w)
+    assert torch.equal(sum(m.long() for m in got), (ids < 4).long())  # each valid sample in exactly one mask
+
+
 def test_quantile_mask_sizes():
     distances = torch.arange(100, dtype=torch.float)
     outlier, support, central = quantile_masks(distances, torch.zeros(100, dtype=torch.long), 1)
@@ -155,6 +174,35 @@ def test_sinkhorn_matches_naive_loop_and_balances():
     assert greedy.min() <= 5  # plain nearest-prototype assignment all but starves one prototype
     assert counts.max() - counts.min() < greedy.max() - greedy.min()
     assert counts.min() >= 4 * greedy.min() + 5  # three iterations at epsilon 0.5 rebalance, partly
+
+
+def reference_sinkhorn(similarities: torch.Tensor, epsilon: float, iterations: int, rows_first: bool = True):
+    """Sinkhorn-Knopp in float64 numpy, written from the algorithm: (argmax prototype [N], its relative margin over
+    the runner-up [N]). `rows_first=False` normalises the samples (columns) before the prototypes (rows)."""
+    plan = np.exp(similarities.double().numpy().T / epsilon)  # [K, N]
+    plan /= plan.sum()
+    k, n = plan.shape
+    for _ in range(iterations):
+        for axis in (1, 0) if rows_first else (0, 1):
+            plan = plan / plan.sum(axis=axis, keepdims=True) / (k if axis == 1 else n)
+    top = np.sort(plan, axis=0)
+    return plan.argmax(axis=0), (top[-1] - top[-2]) / top[-1]
+
+
+@pytest.mark.parametrize("epsilon, iterations", [(0.5, 3), (0.5, 1), (0.1, 3)])
+def test_sinkhorn_normalises_prototypes_then_samples_on_a_480_super_batch(epsilon, iterations):
+    """On the paper's 480 x 6 shape, with prototypes of unequal pull (where the order of the two normalisations
+    changes assignments), the implementation gives the float64 reference's assignment of every sample that is not
+    a near tie; the swapped order, on the same input, would not."""
+    gen = torch.Generator().manual_seed(0)
+    similarities = torch.rand(480, 6, generator=gen) * 2 - 1 + torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    expected, margin = reference_sinkhorn(similarities, epsilon, iterations)
+    swapped, _ = reference_sinkhorn(similarities, epsilon, iterations, rows_first=False)
+    clear = margin > 1e-4  # float32 cannot be asked to settle closer calls
+    assert clear.sum() >= 470
+    assert ((swapped != expected) & clear).sum() >= 1  # the input tells the two orders apart
+    got = sinkhorn_knopp(similarities, epsilon, iterations).argmax(1).numpy()
+    np.testing.assert_array_equal(got[clear], expected[clear])
 
 
 def test_ema_update_by_hand():

@@ -1,4 +1,5 @@
-"""End-to-end curated pretraining on the phantoms: one process, resume after SIGKILL, 2 processes, DeepSpeed."""
+"""End-to-end curated pretraining on the phantoms: one process, resume after SIGKILL, 2 processes and DeepSpeed (each
+against the single-process run), accumulate mode, the random-subset baseline."""
 
 from __future__ import annotations
 
@@ -38,12 +39,19 @@ TINY = {
     },
     "projection_dim": 32,
 }
+# the same without dropout: each process draws its own dropout masks, so only a dropout-free run can equal the
+# single-process run on several processes
+TINY_NO_DROPOUT = {
+    **TINY,
+    "text_config": {**TINY["text_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pretrain")
     (root / "tiny.json").write_text(json.dumps(TINY))
+    (root / "tiny_no_dropout.json").write_text(json.dumps(TINY_NO_DROPOUT))
     return root
 
 
@@ -245,25 +253,70 @@ def test_resume_loads_no_pickle(workspace, tmp_path):
     assert summary["steps"] == 8
 
 
-def test_two_processes_over_gloo_share_one_super_batch(workspace):
+def world_size_args(workspace: Path, output: Path, world_size: int, cpu: bool = True) -> list[str]:
+    """One run for any number of processes: global super-batches of 24 while curating and 16 after, no dropout."""
+    return common_args(
+        workspace,
+        output,
+        cpu=cpu,
+        model_config=str(workspace / "tiny_no_dropout.json"),
+        per_device_batch_size=24 // world_size,
+        curated_batch_size=16 // world_size,
+        num_epochs=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(workspace) -> Path:
+    output = workspace / "reference-one-process"
+    run([sys.executable, "train/pretrain.py", *world_size_args(workspace, output, 1)])
+    return output
+
+
+def assert_same_run_as(output: Path, reference: Path) -> None:
+    """A run on several processes is the single-process run of the same seed: the sampler gives each step the same
+    global super-batch, k-means starts from the same warm-up sequence, the gathered loss has the single-process
+    gradient and the schedule advances once per step, so every step keeps the same pairs with the same loss and
+    learning rate, the curated subset is the same and the weights agree to float32 round-off."""
+    expected, got = read_trace(reference), read_trace(output)
+    assert sorted(got) == sorted(expected)
+    for step, record in expected.items():
+        assert got[step]["indices"] == record["indices"], step
+        assert got[step]["kept"] == record["kept"], step
+        assert got[step]["lr"] == pytest.approx(record["lr"], rel=1e-9), step
+        assert got[step]["loss"] == pytest.approx(record["loss"], abs=1e-4), step
+    subset = json.loads((output / "final" / "curated_subset.json").read_text())
+    assert subset == json.loads((reference / "final" / "curated_subset.json").read_text())
+    a = load_file(reference / "final" / "model.safetensors")
+    b = load_file(output / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        # attention key biases have an exactly zero gradient (a softmax ignores a shift of its logits), whose
+        # round-off AdamW normalises into updates of up to the learning rate: they are free to differ
+        if not key.endswith(".key.bias"):
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_two_processes_over_gloo_share_one_super_batch(workspace, single_process_reference):
     output = workspace / "two"
     launch_two_processes(
         ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"],
-        common_args(workspace, output, per_device_batch_size=12, num_epochs=2),
+        world_size_args(workspace, output, 2),
     )
     trace = read_trace(output)
     first = trace[1]
     assert len(first["indices"]) == 24 and len(set(first["indices"])) == 24  # 2 ranks x 12, gathered
     subset = json.loads((output / "final" / "curated_subset.json").read_text())
     assert subset["num_curated"] > 0 and (output / "final" / "model.safetensors").exists()
+    assert_same_run_as(output, single_process_reference)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_cpu(workspace, stage):
+def test_deepspeed_zero_on_cpu(workspace, single_process_reference, stage):
     output = workspace / f"zero{stage}"
     launch_two_processes(
         ["--use_deepspeed", "--deepspeed_config_file", f"train/configs/deepspeed_zero{stage}.json"],
-        common_args(workspace, output, cpu=False, per_device_batch_size=12, num_epochs=2),
+        world_size_args(workspace, output, 2, cpu=False),
     )
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] > 0
@@ -277,6 +330,7 @@ def test_deepspeed_zero_on_cpu(workspace, stage):
     model = CheXficientModel.from_pretrained(output / "final")
     assert all(v.numel() > 0 for v in exported.values())
     assert model.vision_model.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
+    assert_same_run_as(output, single_process_reference)  # no gradient clipping unless asked, as on one process
 
 
 def test_accumulate_mode_steps_on_the_selection_only(workspace):
@@ -311,3 +365,75 @@ def test_subset_smaller_than_one_curated_batch_still_trains(workspace):
     later = [r for r in read_trace(output).values() if r["epoch"] > 0]
     assert [r["epoch"] for r in later] == [1, 2]  # one step per post-curation epoch
     assert all(sorted(r["indices"]) == subset["indices"] for r in later)  # each walks the whole subset
+
+
+# ----- the random-subset baseline (CheXrandom) ----------------------------------------------------------------------
+
+
+def test_random_subset_is_a_seeded_draw_of_the_stated_size():
+    from types import SimpleNamespace
+
+    from chexficient.curation import CurationConfig
+    from train.arguments import parse_arguments
+    from train.pretrain import build_sampler, random_subset
+
+    subset = random_subset(100, CurationConfig(random_subset_size=30), seed=0)
+    assert len(subset) == 30 == len(set(subset.tolist())) and 0 <= subset.min() and subset.max() < 100
+    assert sorted(subset.tolist()) != list(range(30))  # drawn, not the first rows
+    assert torch.equal(subset, random_subset(100, CurationConfig(random_subset_size=30), seed=0))  # per seed
+    assert set(subset.tolist()) != set(random_subset(100, CurationConfig(random_subset_size=30), seed=1).tolist())
+    assert len(random_subset(100, CurationConfig(random_subset_ratio=0.25), seed=0)) == 25
+    assert len(random_subset(100, CurationConfig(random_subset_size=500), seed=0)) == 100  # at most the pool
+
+    args = parse_arguments(["--random_subset_size", "30", "--per_device_batch_size", "8", "--seed", "3"])
+    assert not args.curating
+    sampler = build_sampler(args, 100, SimpleNamespace(process_index=0, num_processes=1))
+    assert sampler.curation_epochs == 0 and not sampler.is_curating  # no curation epoch over the whole pool
+    assert sampler.curated_ids.tolist() == sorted(random_subset(100, args.curation, 3).tolist())
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = [i for batch in sampler for i in batch]
+        assert len(seen) == 24 == len(set(seen)) and set(seen) <= set(sampler.curated_ids.tolist())
+
+
+def test_random_subset_run_trains_on_it_resumes_on_it_and_records_it(workspace, single_process_reference):
+    """A CheXrandom run trains on the seed's random subset only, every epoch; killed and resumed, it keeps the same
+    subset and ends where the uninterrupted run ends; its record has the curated run's form."""
+    from chexficient.curation import CurationConfig
+    from chexficient.data.pairs import load_pairs
+    from train.pretrain import random_subset
+
+    args = dict(random_subset_size=30, num_epochs=3, save_steps=2)
+    uninterrupted = workspace / "random"
+    run([sys.executable, "train/pretrain.py", *common_args(workspace, uninterrupted, **args)])
+    killed = workspace / "random-killed"
+    kill_after_checkpoint(workspace, killed, 4, **args)
+    resumed = run(
+        [sys.executable, "train/pretrain.py", *common_args(workspace, killed, resume_from_checkpoint="latest", **args)]
+    )
+    assert "resumed from" in resumed.stdout
+
+    expected = sorted(random_subset(100, CurationConfig(random_subset_size=30), seed=0).tolist())
+    pairs = load_pairs(workspace / "phantoms" / "train_split.csv", image_root=workspace / "phantoms")
+    for output in (uninterrupted, killed):
+        subset = json.loads((output / "final" / "curated_subset.json").read_text())
+        reference = json.loads((single_process_reference / "final" / "curated_subset.json").read_text())
+        assert subset.keys() == reference.keys() and subset["format"] == reference["format"]
+        assert subset["indices"] == expected and subset["ids"] == [pairs.ids[i] for i in expected]
+        assert subset["num_curated"] == 30 and subset["num_candidates"] == 100 and subset["ratio"] == 0.3
+        summary = json.loads((output / "summary.json").read_text())
+        assert summary["curated_pairs"] == 30 and summary["curated_ratio"] == 0.3
+        trace = read_trace(output)
+        assert sorted(trace) == list(range(1, 10))  # 3 epochs of 30 // 8 steps, none over the whole pool
+        for epoch in range(3):
+            steps = [r for r in trace.values() if r["epoch"] == epoch]
+            seen = [i for r in steps for i in r["indices"]]
+            assert len(steps) == 3 and len(seen) == 24 == len(set(seen)) and set(seen) <= set(expected)
+        assert all(set(r["kept"]) <= set(r["indices"]) for r in trace.values())  # nothing curated away...
+        assert sum(len(r["kept"]) for r in trace.values()) == summary["pairs_trained"]  # ...but unreadable images
+    first, second = read_trace(uninterrupted), read_trace(killed)
+    assert all(second[step]["indices"] == first[step]["indices"] for step in first)
+    a = load_file(uninterrupted / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)

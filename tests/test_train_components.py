@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import TINY_WORDS
 
 from chexficient.curation.loss import curated_clip_loss, gather_with_grad
 from chexficient.data.manifests import report_text
@@ -41,8 +42,11 @@ def test_curated_loss_equals_model_loss_on_one_process(config):
 
 
 def _gathered_gradient(rank: int, world_size: int, port: int, features, targets, queue) -> None:
+    """Rank `rank` of the gathered-loss step; rank 0 sends the averaged gradients back as plain lists (a tensor on
+    a queue is shared memory that dies with its process, which may exit before the parent reads it)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    features, targets = torch.tensor(features), torch.tensor(targets)
     torch.manual_seed(0)
     layer = torch.nn.Linear(features.shape[1], 8)
     local = slice(rank * 3, (rank + 1) * 3)
@@ -53,7 +57,7 @@ def _gathered_gradient(rank: int, world_size: int, port: int, features, targets,
         dist.all_reduce(p.grad)
         p.grad /= world_size
     if rank == 0:
-        queue.put([p.grad.clone() for p in layer.parameters()])
+        queue.put([p.grad.tolist() for p in layer.parameters()])
     dist.destroy_process_group()
 
 
@@ -66,21 +70,65 @@ def test_gathered_loss_gives_the_single_process_gradient():
     context = mp.get_context("spawn")
     queue = context.Queue()
     processes = [
-        context.Process(target=_gathered_gradient, args=(r, 2, port, features, targets, queue)) for r in range(2)
+        context.Process(target=_gathered_gradient, args=(r, 2, port, features.tolist(), targets.tolist(), queue))
+        for r in range(2)
     ]
     for p in processes:
         p.start()
-    distributed = queue.get(timeout=120)
+    distributed = [torch.tensor(g) for g in queue.get(timeout=120)]
     for p in processes:
         p.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0]
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 8)
     loss = curated_clip_loss(
         F.normalize(layer(features), dim=-1), F.normalize(targets, dim=-1), torch.tensor([math.log(10.0)])
     )
     loss.backward()
-    for expected, got in zip((layer.weight.grad, layer.bias.grad), distributed):
+    for expected, got in zip((layer.weight.grad, layer.bias.grad), distributed, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_accumulate_step_takes_its_gradient_step_on_the_selection_only(config, tokenizer):
+    """Accumulate mode (the paper's single-GPU mode): no-grad embeddings of the whole pool in chunks, then one
+    forward with gradients of the selected pairs only, whose loss and gradients are those of the selection alone."""
+    from chexficient.curation import CurationConfig, PrototypeCurator
+    from train.loop import accumulate_step
+
+    config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
+    model = CheXficientModel(config)
+    texts = [" ".join(TINY_WORDS[(i * 7 + j * 3) % len(TINY_WORDS)] for j in range(5)) for i in range(40)]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    batch["pixel_values"] = torch.randn(40, 3, 28, 28)
+    batch["valid"] = torch.arange(40) % 9 != 4  # unreadable images never enter the step
+    batch["sample_index"] = torch.arange(100, 140)
+    curator = PrototypeCurator(CurationConfig(num_prototypes=3, max_per_cluster=2), num_samples=200)
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    curator.initialize(out.image_embeds, out.text_embeds, generator=torch.Generator().manual_seed(0))
+
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((torch.is_grad_enabled(), len(kwargs["pixel_values"]))),
+        with_kwargs=True,
+    )
+    result = accumulate_step(model, batch, curator, seed=0, step=0, chunk_size=16)
+    keep = result.keep
+    assert 0 < keep.sum() < batch["valid"].sum() and not (keep & ~batch["valid"]).any()
+    assert [size for grad, size in calls if not grad] == [16, 16, 8]  # the pool, embedded in chunks
+    assert [size for grad, size in calls if grad] == [int(keep.sum())]  # the step: the selection only
+    assert torch.equal(curator.curated_ids(), batch["sample_index"][keep])
+    assert result.kept_features.shape == (int(keep.sum()), 2 * config.projection_dim)
+    result.loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    selected = model(**{k: batch[k][keep] for k in ("input_ids", "attention_mask", "pixel_values")})
+    expected = curated_clip_loss(selected.image_embeds, selected.text_embeds, selected.logit_scale)
+    torch.testing.assert_close(result.loss, expected)
+    expected.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, msg=name)
 
 
 # ----- optimizer and schedule ---------------------------------------------------------------------------------------

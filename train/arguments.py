@@ -113,7 +113,9 @@ class TrainArguments:
             "help": "zero-shot prompts of periodic validation: paper ('{c}' / 'no {c}') or report (an ensemble)"
         },
     )
-    trace_samples: bool = field(default=False, metadata={"help": "write every step's sample indices to samples.jsonl"})
+    trace_samples: bool = field(
+        default=False, metadata={"help": "write every step's sample indices, loss and learning rate to samples.jsonl"}
+    )
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "fp16", "bf16"):

@@ -220,14 +220,18 @@ def log_step(run: Run, result: StepResult, progress: tqdm) -> None:
     progress.set_postfix(loss=f"{logs['loss']:.3f}", kept=f"{logs['kept_fraction']:.2f}")
 
 
-def trace_step(trace: IO[str], result: StepResult, state: TrainState, resumed_from: int | None) -> None:
-    """One line of samples.jsonl: the step's candidates and the ones it kept."""
+def trace_step(
+    trace: IO[str], result: StepResult, state: TrainState, resumed_from: int | None, learning_rate: float
+) -> None:
+    """One line of samples.jsonl: the step's candidates, the ones it kept, its loss and learning rate."""
     record = {
         "step": state.global_step,
         "epoch": state.epoch,
         "resumed_from": resumed_from,
         "indices": result.indices.tolist(),
         "kept": result.indices[result.keep].tolist(),
+        "loss": result.loss.detach().float().item(),
+        "lr": learning_rate,
     }
     trace.write(json.dumps(record) + "\n")
     trace.flush()
@@ -257,6 +261,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         accelerator.backward(result.loss)
         if train_args.max_grad_norm is not None:
             accelerator.clip_grad_norm_(run.model.parameters(), train_args.max_grad_norm)
+        learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -268,7 +273,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         state.global_step += 1
         state.step_in_epoch += 1
         if run.record.trace is not None:
-            trace_step(run.record.trace, result, state, run.record.resumed_from)
+            trace_step(run.record.trace, result, state, run.record.resumed_from, learning_rate)
         if state.global_step % train_args.logging_steps == 0:
             log_step(run, result, progress)
         if train_args.eval_steps and run.args.validates and state.global_step % train_args.eval_steps == 0:

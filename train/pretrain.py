@@ -234,6 +234,10 @@ def setup(argv: list[str] | None = None) -> Run:
         mixed_precision=train_args.mixed_precision,
         output_dir=output_dir,
         report_to=train_args.report_to,
+        # one scheduler step per optimizer step: Accelerate would otherwise step a prepared scheduler once per
+        # process, for loaders it splits across processes; this one is a global super-batch stream, whose steps
+        # are the same on any number of processes
+        step_scheduler_with_optimizer=False,
     )
     set_seed(train_args.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -268,8 +272,11 @@ def setup(argv: list[str] | None = None) -> Run:
         estimated_total_steps=estimated_total_steps(sampler, args, len(pairs)),
         warmup_steps=train_args.warmup_steps,
     )
-    if accelerator.state.deepspeed_plugin is not None:  # the loader is not prepared, so DeepSpeed cannot infer it
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = sampler.batch_size
+    if accelerator.state.deepspeed_plugin is not None:
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = sampler.batch_size  # the loader is not prepared
+        if deepspeed_config.get("gradient_clipping") == "auto":  # Accelerate would fill in 1.0: clip as asked
+            deepspeed_config["gradient_clipping"] = train_args.max_grad_norm or 0.0  # 0: off, like DDP's default
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     data = TrainingData(
         pairs=pairs,
@@ -310,19 +317,25 @@ def initialize_prototypes(run: Run) -> None:
         num_workers=0,
         generator=torch.Generator(),
     )
-    images, texts, valids = [], [], []
+    positions = torch.arange(accelerator.process_index, len(chosen), accelerator.num_processes)  # in `chosen`
+    images, texts, valids, gathered_positions = [], [], [], []
     model.eval()
     with torch.no_grad():
-        for batch in loader:
+        for start, batch in zip(range(0, len(shard), loader.batch_size), loader):
             batch = to_device(batch, accelerator.device)
             image_embeds, text_embeds, _ = embed(model, batch)
             images.append(gather_no_grad(image_embeds.float()))
             texts.append(gather_no_grad(text_embeds.float()))
             valids.append(gather_no_grad(batch["valid"]))
+            rows = positions[start : start + len(batch["valid"])].to(accelerator.device)
+            gathered_positions.append(gather_no_grad(rows))
     model.train()
-    valid = torch.cat(valids)
+    # back into the order of `chosen`, so that k-means sees the same sequence on any number of processes (its
+    # seeding picks points by position): the same seed gives the same prototypes, hence the same subset
+    order = torch.cat(gathered_positions).argsort()
+    valid = torch.cat(valids)[order]
     generator = torch.Generator().manual_seed(seed)
-    run.curator.initialize(torch.cat(images)[valid], torch.cat(texts)[valid], generator=generator)
+    run.curator.initialize(torch.cat(images)[order][valid], torch.cat(texts)[order][valid], generator=generator)
     logger.info(f"prototypes initialised by k-means on {int(valid.sum())} warm-up pairs")
 
 
