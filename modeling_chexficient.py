@@ -279,6 +279,14 @@ class CheXficientPreTrainedModel(PreTrainedModel):
             custom_object_save(self, save_directory)
         return result
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The image tower's patch embedding (as CLIPVisionModel's): an image model has no token
+        embeddings (`CheXficientModel` returns its text tower's instead)."""
+        return self.vision_model.embeddings.patch_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vision_model.embeddings.patch_embeddings = value
+
     def _freeze_mask_token(self) -> None:
         """Freeze the image tower's `mask_token`: `Dinov2Model` builds it for masked-image modelling
         (`bool_masked_pos`), which no CheXficient forward takes, so it never gets a gradient, and a trainable parameter
@@ -547,13 +555,6 @@ class CheXficientVisionModel(CheXficientPreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=True)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The image tower's patch embedding (as CLIPVisionModel's): an image model has no token embeddings."""
-        return self.vision_model.embeddings.patch_embeddings
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.vision_model.embeddings.patch_embeddings = value
-
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -624,13 +625,6 @@ class CheXficientForImageClassification(CheXficientPreTrainedModel):
         """The frozen tower's outputs and the normalised embedding [B, projection_dim], without autograd."""
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         return outputs, F.normalize(self.visual_projection(outputs.pooler_output), dim=-1)
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The image tower's patch embedding (as CLIPVisionModel's): an image model has no token embeddings."""
-        return self.vision_model.embeddings.patch_embeddings
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.vision_model.embeddings.patch_embeddings = value
 
     def get_image_features(
         self,
